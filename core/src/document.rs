@@ -1,0 +1,237 @@
+//! How the field domain is laid out in Automerge documents.
+//!
+//! Every document has a `kind` at its root (`site`, `household` or `campaign`) and its typed
+//! content under `record`, kept in step with the Rust structs by autosurgeon. Besides:
+//!
+//! - a **site** document also holds `households`, its roster: a map from household document id
+//!   to the time it joined the site. Concurrent registrations add different keys, so they
+//!   all survive a merge;
+//! - a **household** document also holds `distributions`, see [`crate::distribution`].
+//!
+//! Documents written by other automerge-repo clients, with no `kind`, are [`DocKind::Other`]:
+//! the server stores and relays them but the domain ignores them.
+
+use automerge::{transaction::Transactable, Automerge, ObjId, ReadDoc, ScalarValue, Value, ROOT};
+use autosurgeon::{hydrate_prop, Hydrate};
+use serde::{Deserialize, Serialize};
+
+use crate::{campaign::Campaign, household::Household, household::Status, site::Site, DocumentId};
+
+/// Root key naming the kind of a document.
+pub const KIND: &str = "kind";
+/// Root key of the typed record.
+pub const RECORD: &str = "record";
+/// Root key of a site's roster of households.
+pub const ROSTER: &str = "households";
+
+/// What a document holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DocKind {
+    /// A site and its roster.
+    Site,
+    /// One household registration and its distributions.
+    Household,
+    /// A campaign definition.
+    Campaign,
+    /// Anything else (e.g. a document made by a stock automerge-repo client).
+    Other,
+}
+
+impl DocKind {
+    /// The string stored under `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Site => "site",
+            DocKind::Household => "household",
+            DocKind::Campaign => "campaign",
+            DocKind::Other => "other",
+        }
+    }
+}
+
+/// What the store and access control need to know about a document without loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocInfo {
+    /// Kind of document.
+    pub kind: DocKind,
+    /// Site codes the document belongs to (a household's current site, a campaign's sites).
+    pub sites: Vec<String>,
+    /// Regions (admin1) those sites are in, where known.
+    pub regions: Vec<String>,
+    /// The household was erased: only a tombstone remains.
+    pub erased: bool,
+}
+
+impl DocInfo {
+    /// Info for a document the domain does not understand.
+    pub fn other() -> Self {
+        DocInfo {
+            kind: DocKind::Other,
+            sites: Vec::new(),
+            regions: Vec::new(),
+            erased: false,
+        }
+    }
+}
+
+/// A document whose content is not what its kind promises.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocError {
+    /// The document is of another kind.
+    #[error("expected a {expected} document, found {found}")]
+    WrongKind {
+        /// Kind asked for.
+        expected: &'static str,
+        /// Kind found.
+        found: &'static str,
+    },
+    /// The record does not hydrate into the Rust type.
+    #[error("malformed {kind} record: {source}")]
+    Malformed {
+        /// Kind of record.
+        kind: &'static str,
+        /// What autosurgeon reported.
+        #[source]
+        source: autosurgeon::HydrateError,
+    },
+}
+
+/// Reads the kind of a document.
+pub fn kind_of(doc: &impl automerge::ReadDoc) -> DocKind {
+    match doc.get(ROOT, KIND) {
+        Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+            ScalarValue::Str(k) => match k.as_str() {
+                "site" => DocKind::Site,
+                "household" => DocKind::Household,
+                "campaign" => DocKind::Campaign,
+                _ => DocKind::Other,
+            },
+            _ => DocKind::Other,
+        },
+        _ => DocKind::Other,
+    }
+}
+
+fn read_record<T: Hydrate>(doc: &Automerge, kind: DocKind) -> Result<T, DocError> {
+    let found = kind_of(doc);
+    if found != kind {
+        return Err(DocError::WrongKind {
+            expected: kind.as_str(),
+            found: found.as_str(),
+        });
+    }
+    hydrate_prop(doc, ROOT, RECORD).map_err(|source| DocError::Malformed {
+        kind: kind.as_str(),
+        source,
+    })
+}
+
+/// Reads a site document's record.
+pub fn read_site(doc: &Automerge) -> Result<Site, DocError> {
+    read_record(doc, DocKind::Site)
+}
+
+/// Reads a household document's record.
+pub fn read_household(doc: &Automerge) -> Result<Household, DocError> {
+    read_record(doc, DocKind::Household)
+}
+
+/// Reads a campaign document's record.
+pub fn read_campaign(doc: &Automerge) -> Result<Campaign, DocError> {
+    read_record(doc, DocKind::Campaign)
+}
+
+/// The household ids on a site's roster, in key order.
+pub fn roster(doc: &impl automerge::ReadDoc) -> Vec<DocumentId> {
+    match doc.get(ROOT, ROSTER) {
+        Ok(Some((_, obj))) => doc.keys(&obj).filter_map(|k| k.parse().ok()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Writes `kind` and the typed record into a transaction.
+pub fn put_record<T: autosurgeon::Reconcile>(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    kind: DocKind,
+    record: &T,
+) -> Result<(), autosurgeon::ReconcileError> {
+    if kind_of(tx) != kind {
+        Transactable::put(tx, ROOT, KIND, kind.as_str())?;
+    }
+    autosurgeon::reconcile_prop(tx, ROOT, RECORD, record)
+}
+
+/// Adds a household to a site roster inside a transaction.
+pub fn roster_add<Tx: Transactable + ReadDoc>(
+    tx: &mut Tx,
+    household: DocumentId,
+    at: i64,
+) -> Result<(), automerge::AutomergeError> {
+    let obj = ensure_map(tx, ROSTER)?;
+    tx.put(&obj, household.to_string(), at)
+}
+
+/// Removes a household from a site roster (it moved or was erased).
+pub fn roster_remove<Tx: Transactable + ReadDoc>(
+    tx: &mut Tx,
+    household: DocumentId,
+) -> Result<(), automerge::AutomergeError> {
+    if let Ok(Some((_, obj))) = tx.get(ROOT, ROSTER) {
+        let key = household.to_string();
+        if tx.get(&obj, key.as_str())?.is_some() {
+            tx.delete(&obj, key.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// The root map under `key`, created if missing.
+pub fn ensure_map<Tx: Transactable + ReadDoc>(
+    tx: &mut Tx,
+    key: &str,
+) -> Result<ObjId, automerge::AutomergeError> {
+    match tx.get(ROOT, key)? {
+        Some((Value::Object(automerge::ObjType::Map), obj)) => Ok(obj),
+        _ => tx.put_object(ROOT, key, automerge::ObjType::Map),
+    }
+}
+
+/// Describes a document for the store and for access control. `region_of` maps a site code to
+/// its region, where the caller knows it.
+pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<String>) -> DocInfo {
+    let kind = kind_of(doc);
+    let (sites, erased) = match kind {
+        DocKind::Site => match read_site(doc) {
+            Ok(s) => {
+                let region = s.admin1.clone();
+                return DocInfo {
+                    kind,
+                    sites: vec![s.code],
+                    regions: vec![region],
+                    erased: false,
+                };
+            }
+            Err(_) => (Vec::new(), false),
+        },
+        DocKind::Household => match read_household(doc) {
+            Ok(h) => (vec![h.site], h.status == Status::Erased),
+            Err(_) => (Vec::new(), false),
+        },
+        DocKind::Campaign => match read_campaign(doc) {
+            Ok(c) => (c.sites, false),
+            Err(_) => (Vec::new(), false),
+        },
+        DocKind::Other => (Vec::new(), false),
+    };
+    let mut regions: Vec<String> = sites.iter().filter_map(|s| region_of(s)).collect();
+    regions.sort();
+    regions.dedup();
+    DocInfo {
+        kind,
+        sites,
+        regions,
+        erased,
+    }
+}

@@ -1,0 +1,577 @@
+//! The durable store: every document of a replica in one redb file.
+//!
+//! # Tables
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `docs` | document id | [`DocMeta`] as JSON: kind, sites, regions, heads, feed sequence |
+//! | `snapshots` | document id | a full `save()` of the document |
+//! | `chunks` | (document id, n) | incremental changes appended after the snapshot |
+//! | `feed` | sequence | document id, one entry per document: its latest write |
+//! | `meta` | name | small values (this replica's actor id, cursors) |
+//!
+//! A write appends the bytes `save_after(stored heads)` as a chunk; it costs what changed, not
+//! what the document holds. Once a document has [`COMPACT_AFTER_CHUNKS`] chunks, the same
+//! transaction folds them into a new snapshot. Since a redb write transaction is exclusive,
+//! compaction can never interleave with another write of the same document.
+//!
+//! Every [`Store::write`] is one redb transaction, committed with redb's default immediate
+//! durability: when it returns `Ok`, the data survives a crash or a SIGKILL. Callers that write
+//! many documents at once (a sync, a registration touching a roster) pass them together so
+//! they share one fsync.
+//!
+//! The feed gives every durable write of a document the next sequence number and drops that
+//! document's previous entry, so "what changed since N" is one range scan whose length is the
+//! number of documents changed, not the number of writes.
+
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use automerge::{Automerge, ChangeHash};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::document::DocInfo;
+use crate::DocumentId;
+
+const DOCS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("docs");
+const SNAPSHOTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("snapshots");
+const CHUNKS: TableDefinition<([u8; 16], u32), &[u8]> = TableDefinition::new("chunks");
+const FEED: TableDefinition<u64, [u8; 16]> = TableDefinition::new("feed");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// A document is compacted into one snapshot once it has this many incremental chunks. Small
+/// enough that loading a busy document stays cheap, large enough that compaction (a full
+/// `save()`) is rare.
+pub const COMPACT_AFTER_CHUNKS: u32 = 64;
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// redb failed (I/O, a full disk, a damaged file).
+    #[error("storage: {0}")]
+    Redb(#[from] redb::Error),
+    /// Another process has the file open.
+    #[error("the store {0} is already open in another process (is `relais serve` running?)")]
+    Locked(PathBuf),
+    /// Stored or supplied bytes are not a valid Automerge document.
+    #[error("document {id}: bytes are not valid Automerge data: {reason}")]
+    Corrupt {
+        /// The document concerned.
+        id: DocumentId,
+        /// What Automerge reported.
+        reason: String,
+    },
+    /// A metadata record failed to decode.
+    #[error("document {id}: metadata record is damaged: {reason}")]
+    BadMeta {
+        /// The document concerned.
+        id: DocumentId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The directory for the store could not be created.
+    #[error("cannot create {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What the store keeps about a document besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// Kind, sites and regions: what access control and listings need.
+    pub info: DocInfo,
+    /// Heads of the stored document, as hex strings.
+    pub heads: Vec<String>,
+    /// Feed sequence of the latest write.
+    pub seq: u64,
+    /// Incremental chunks stored after the snapshot.
+    pub chunks: u32,
+}
+
+impl DocMeta {
+    /// The heads as change hashes.
+    pub fn change_hashes(&self) -> Vec<ChangeHash> {
+        self.heads.iter().filter_map(|h| h.parse().ok()).collect()
+    }
+}
+
+/// One document to write: the bytes to append and the heads they lead to.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    /// The document.
+    pub id: DocumentId,
+    /// Its description after the write.
+    pub info: DocInfo,
+    /// Heads the writer believes are stored (what `data` was saved after).
+    pub base_heads: Vec<ChangeHash>,
+    /// `save_after(base_heads)`, or a full `save()` for a new document.
+    pub data: Vec<u8>,
+    /// Heads of the writer's document after the write.
+    pub heads: Vec<ChangeHash>,
+}
+
+impl DocWrite {
+    /// The write that brings the store from `base_heads` to `doc`'s current state.
+    pub fn from_doc(
+        id: DocumentId,
+        info: DocInfo,
+        doc: &Automerge,
+        base_heads: Vec<ChangeHash>,
+    ) -> Self {
+        let data = if base_heads.is_empty() {
+            doc.save()
+        } else {
+            doc.save_after(&base_heads)
+        };
+        DocWrite {
+            id,
+            info,
+            base_heads,
+            data,
+            heads: doc.get_heads(),
+        }
+    }
+}
+
+/// A document loaded from the store.
+#[derive(Debug)]
+pub struct StoredDoc {
+    /// The document.
+    pub doc: Automerge,
+    /// Its metadata.
+    pub meta: DocMeta,
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEntry {
+    /// Sequence of the document's latest write.
+    pub seq: u64,
+    /// The document.
+    pub id: DocumentId,
+    /// Its metadata at that write.
+    pub meta: DocMeta,
+}
+
+/// The durable store of one replica. See the [module docs](self).
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Parses Automerge bytes, turning both errors and panics into [`StoreError::Corrupt`]:
+/// these bytes may come from a damaged disk or from the network.
+pub fn load_doc(id: DocumentId, parts: &[&[u8]]) -> Result<Automerge, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { id, reason };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut parts = parts.iter();
+        let mut doc = match parts.next() {
+            Some(first) if !first.is_empty() => Automerge::load(first).map_err(|e| e.to_string())?,
+            _ => Automerge::new(),
+        };
+        for p in parts {
+            doc.load_incremental(p).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(doc)
+    }));
+    match result {
+        Ok(Ok(doc)) => Ok(doc),
+        Ok(Err(e)) => Err(corrupt(e)),
+        Err(_) => Err(corrupt("automerge panicked while loading".into())),
+    }
+}
+
+/// Parses untrusted Automerge bytes (a saved document or changes), refusing any damage rather
+/// than keeping a valid prefix. Panics inside automerge become [`StoreError::Corrupt`].
+pub fn parse_strict(id: DocumentId, bytes: &[u8]) -> Result<Automerge, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { id, reason };
+    let opts = || {
+        automerge::LoadOptions::new()
+            .on_partial_load(automerge::OnPartialLoad::Error)
+            .verification_mode(automerge::VerificationMode::Check)
+    };
+    match catch_unwind(AssertUnwindSafe(|| Automerge::load_with_options(bytes, opts()))) {
+        Ok(Ok(doc)) => Ok(doc),
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(_) => Err(corrupt("automerge panicked while parsing".into())),
+    }
+}
+
+fn hex_heads(heads: &[ChangeHash]) -> Vec<String> {
+    let mut v: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+    v.sort();
+    v
+}
+
+fn decode_meta(id: DocumentId, bytes: &[u8]) -> Result<DocMeta, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::BadMeta {
+        id,
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file (and its directory) if needed.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(path)),
+            Err(e) => return Err(e.into()),
+        };
+        let txn = db.begin_write()?;
+        txn.open_table(DOCS)?;
+        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(FEED)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(Store { db, path })
+    }
+
+    /// The path of the redb file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying database, for adapters that keep their own tables in the same file.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The metadata of a document, without loading it.
+    pub fn meta(&self, id: DocumentId) -> Result<Option<DocMeta>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let v = docs.get(id.as_bytes())?;
+        v.map(|g| decode_meta(id, g.value())).transpose()
+    }
+
+    /// Loads a document. `Ok(None)` when it is not stored.
+    pub fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let Some(meta) = docs.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let meta = decode_meta(id, meta.value())?;
+        let doc = assemble(
+            id,
+            &txn.open_table(SNAPSHOTS)?,
+            &txn.open_table(CHUNKS)?,
+            meta.chunks,
+        )?;
+        Ok(Some(StoredDoc { doc, meta }))
+    }
+
+    /// Writes several documents in one durable transaction and returns their new feed
+    /// sequence numbers, in order. A write whose heads are already stored is skipped and
+    /// returns the sequence it already had.
+    pub fn write(&self, writes: &[DocWrite]) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_write()?;
+        let mut seqs = Vec::with_capacity(writes.len());
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let mut next_seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            for w in writes {
+                let key = *w.id.as_bytes();
+                let old = docs
+                    .get(&key)?
+                    .map(|g| decode_meta(w.id, g.value()))
+                    .transpose()?;
+                let new_heads = hex_heads(&w.heads);
+                let mut meta = match old {
+                    Some(old) => {
+                        if old.heads == new_heads && old.info == w.info {
+                            seqs.push(old.seq);
+                            continue;
+                        }
+                        feed.remove(old.seq)?;
+                        if !w.data.is_empty() {
+                            chunks.insert((key, old.chunks), w.data.as_slice())?;
+                        }
+                        let mut m = old.clone();
+                        if !w.data.is_empty() {
+                            m.chunks += 1;
+                        }
+                        if hex_heads(&w.base_heads) == old.heads {
+                            m.heads = new_heads;
+                        } else {
+                            // The writer saved from an older view: the stored heads are the
+                            // union, which only the merged document knows.
+                            let doc = assemble(w.id, &snaps, &chunks, m.chunks)?;
+                            m.heads = hex_heads(&doc.get_heads());
+                        }
+                        m
+                    }
+                    None => {
+                        // Validate before storing: a snapshot that does not load would make
+                        // the document unreadable for good.
+                        let doc = load_doc(w.id, &[&w.data])?;
+                        snaps.insert(key, w.data.as_slice())?;
+                        DocMeta {
+                            info: w.info.clone(),
+                            heads: hex_heads(&doc.get_heads()),
+                            seq: 0,
+                            chunks: 0,
+                        }
+                    }
+                };
+                meta.info = w.info.clone();
+                if meta.chunks >= COMPACT_AFTER_CHUNKS {
+                    let doc = assemble(w.id, &snaps, &chunks, meta.chunks)?;
+                    snaps.insert(key, doc.save().as_slice())?;
+                    for n in 0..meta.chunks {
+                        chunks.remove((key, n))?;
+                    }
+                    meta.chunks = 0;
+                }
+                meta.seq = next_seq;
+                next_seq += 1;
+                feed.insert(meta.seq, key)?;
+                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                docs.insert(key, bytes.as_slice())?;
+                seqs.push(meta.seq);
+            }
+        }
+        txn.commit()?;
+        Ok(seqs)
+    }
+
+    /// Applies untrusted Automerge bytes (changes or a saved document) to a stored document,
+    /// creating it if absent, and returns its new heads. Bytes that fail to decode return
+    /// [`StoreError::Corrupt`] and leave the store as it was.
+    pub fn apply(
+        &self,
+        id: DocumentId,
+        bytes: &[u8],
+        describe: impl FnOnce(&Automerge) -> DocInfo,
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        let (mut doc, base) = match self.load(id)? {
+            Some(s) => (s.doc, s.meta.change_hashes()),
+            None => (Automerge::new(), Vec::new()),
+        };
+        // Strict parse first: `load_incremental` silently keeps a valid prefix of damaged
+        // input, and untrusted bytes must be all good or refused.
+        let mut incoming = parse_strict(id, bytes)?;
+        let merged = catch_unwind(AssertUnwindSafe(|| doc.merge(&mut incoming)));
+        match merged {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::Corrupt {
+                    id,
+                    reason: "automerge panicked while merging".into(),
+                })
+            }
+        }
+        let info = describe(&doc);
+        self.write(&[DocWrite::from_doc(id, info, &doc, base)])?;
+        Ok(doc.get_heads())
+    }
+
+    /// Folds a document's chunks into one snapshot. Content and heads do not change.
+    pub fn compact(&self, id: DocumentId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let key = *id.as_bytes();
+            let Some(meta) = docs.get(&key)?.map(|g| decode_meta(id, g.value())) else {
+                return Ok(());
+            };
+            let mut meta = meta?;
+            if meta.chunks > 0 {
+                let doc = assemble(id, &snaps, &chunks, meta.chunks)?;
+                snaps.insert(key, doc.save().as_slice())?;
+                for n in 0..meta.chunks {
+                    chunks.remove((key, n))?;
+                }
+                meta.chunks = 0;
+                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                docs.insert(key, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes a document's bytes and metadata (used when a replica must purge a document).
+    pub fn remove(&self, id: DocumentId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let key = *id.as_bytes();
+            let meta = docs
+                .remove(&key)?
+                .map(|g| decode_meta(id, g.value()))
+                .transpose()?;
+            existed = meta.is_some();
+            if let Some(meta) = meta {
+                feed.remove(meta.seq)?;
+                for n in 0..meta.chunks {
+                    chunks.remove((key, n))?;
+                }
+            }
+            snaps.remove(&key)?;
+        }
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    /// Documents written after feed sequence `since`, oldest first, at most `limit`.
+    pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let feed = txn.open_table(FEED)?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::new();
+        for row in feed.range(since.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (seq, id) = row?;
+            let id = DocumentId::from_bytes(id.value());
+            if let Some(m) = docs.get(id.as_bytes())? {
+                out.push(FeedEntry {
+                    seq: seq.value(),
+                    id,
+                    meta: decode_meta(id, m.value())?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest feed sequence (0 for an empty store).
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let feed = txn.open_table(FEED)?;
+        let last = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+        Ok(last)
+    }
+
+    /// Number of stored documents.
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(DOCS)?.len()?)
+    }
+
+    /// True when no document is stored.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Every stored document id with its metadata, in id order.
+    pub fn list(&self) -> Result<Vec<(DocumentId, DocMeta)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::new();
+        for row in docs.iter()? {
+            let (k, v) = row?;
+            let id = DocumentId::from_bytes(k.value());
+            out.push((id, decode_meta(id, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Reads a small named value.
+    pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        let v = t.get(name)?.map(|g| g.value().to_vec());
+        Ok(v)
+    }
+
+    /// Writes a small named value, durably.
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(name, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Ids of documents whose stored heads differ from `heads` (a helper for sync: which of
+    /// these does this store not already have exactly).
+    pub fn heads_differ(&self, id: DocumentId, heads: &[ChangeHash]) -> Result<bool, StoreError> {
+        Ok(match self.meta(id)? {
+            Some(m) => {
+                let mine: BTreeSet<String> = m.heads.into_iter().collect();
+                let theirs: BTreeSet<String> = heads.iter().map(|h| h.to_string()).collect();
+                mine != theirs
+            }
+            None => true,
+        })
+    }
+}
+
+fn assemble(
+    id: DocumentId,
+    snaps: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    chunks: &impl ReadableTable<([u8; 16], u32), &'static [u8]>,
+    n_chunks: u32,
+) -> Result<Automerge, StoreError> {
+    let key = *id.as_bytes();
+    let snap = snaps.get(&key)?.map(|g| g.value().to_vec());
+    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(n_chunks as usize + 1);
+    parts.push(snap.unwrap_or_default());
+    for n in 0..n_chunks {
+        if let Some(g) = chunks.get((key, n))? {
+            parts.push(g.value().to_vec());
+        }
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    load_doc(id, &refs)
+}

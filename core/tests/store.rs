@@ -1,0 +1,228 @@
+//! The store keeps every committed write: across close and reopen, across SIGKILL, through
+//! compaction, and when handed corrupt bytes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use automerge::{transaction::Transactable, Automerge, ReadDoc, ROOT};
+use common::*;
+use relais_core::document::DocInfo;
+use relais_core::store::{DocWrite, Store, StoreError, COMPACT_AFTER_CHUNKS};
+use relais_core::DocumentId;
+
+#[test]
+fn reopen_after_close_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hh, seq) = {
+        let l = ledger(dir.path(), "tab");
+        seed(&l);
+        let hh = l.register(new_household("SOC-01", "Kadiatou Sangaré")).unwrap();
+        l.distribute(hh, "JP-2023", "nfi-kit", 1).unwrap();
+        (hh, l.store().last_seq().unwrap())
+    };
+    let l = ledger(dir.path(), "tab");
+    let v = l.household(hh).unwrap();
+    assert_eq!(v.household.head_name, "Kadiatou Sangaré");
+    assert_eq!(v.distributions.len(), 1);
+    assert_eq!(l.store().last_seq().unwrap(), seq);
+}
+
+#[test]
+fn compaction_preserves_content_and_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    let id = DocumentId::random();
+    let mut doc = Automerge::new();
+    let mut base = Vec::new();
+    // Enough writes to trigger automatic compaction more than once.
+    for i in 0..(COMPACT_AFTER_CHUNKS * 2 + 5) {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, format!("k{}", i % 7), i64::from(i)).unwrap();
+        tx.commit();
+        store
+            .write(&[DocWrite::from_doc(id, DocInfo::other(), &doc, base.clone())])
+            .unwrap();
+        base = doc.get_heads();
+        let meta = store.meta(id).unwrap().unwrap();
+        assert!(meta.chunks < COMPACT_AFTER_CHUNKS);
+    }
+    store.compact(id).unwrap();
+    let loaded = store.load(id).unwrap().unwrap();
+    assert_eq!(loaded.meta.chunks, 0);
+    assert_eq!(loaded.doc.get_heads(), doc.get_heads());
+    assert_eq!(loaded.doc.save(), doc.save());
+    assert_eq!(loaded.meta.change_hashes().len(), 1);
+}
+
+#[test]
+fn a_write_from_a_stale_view_keeps_the_union_of_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    let id = DocumentId::random();
+    let mut doc = Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "a", 1).map(|_| ()))
+        .unwrap();
+    store
+        .write(&[DocWrite::from_doc(id, DocInfo::other(), &doc, vec![])])
+        .unwrap();
+    let base = doc.get_heads();
+    let mut fork1 = doc.fork();
+    let mut fork2 = doc.fork();
+    fork1
+        .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "b", 2).map(|_| ()))
+        .unwrap();
+    fork2
+        .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "c", 3).map(|_| ()))
+        .unwrap();
+    store
+        .write(&[DocWrite::from_doc(id, DocInfo::other(), &fork1, base.clone())])
+        .unwrap();
+    store
+        .write(&[DocWrite::from_doc(id, DocInfo::other(), &fork2, base)])
+        .unwrap();
+    let loaded = store.load(id).unwrap().unwrap();
+    assert_eq!(loaded.doc.get(ROOT, "b").unwrap().is_some(), true);
+    assert_eq!(loaded.doc.get(ROOT, "c").unwrap().is_some(), true);
+    let mut want: Vec<String> = loaded.doc.get_heads().iter().map(|h| h.to_string()).collect();
+    want.sort();
+    assert_eq!(loaded.meta.heads, want);
+    assert_eq!(want.len(), 2);
+}
+
+#[test]
+fn corrupt_bytes_are_an_error_and_the_store_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let hh = l.register(new_household("SOC-01", "Bintou Keïta")).unwrap();
+    let good = l.store().load(hh).unwrap().unwrap().doc.save();
+    let before = l.store().load(hh).unwrap().unwrap().meta;
+    let seq = l.store().last_seq().unwrap();
+    let mut bad_inputs: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],
+        good[..good.len() / 2].to_vec(),
+        b"\x85\x6f\x4a\x83garbage".to_vec(),
+    ];
+    let mut flipped = good.clone();
+    let n = flipped.len();
+    flipped[n - 3] ^= 0x55;
+    bad_inputs.push(flipped);
+    for bad in &bad_inputs {
+        let r = l.store().apply(hh, bad, |d| l.describe(d));
+        assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
+        let fresh = DocumentId::random();
+        let r = l.store().apply(fresh, bad, |d| l.describe(d));
+        assert!(matches!(r, Err(StoreError::Corrupt { .. })), "{r:?}");
+        assert!(l.store().meta(fresh).unwrap().is_none());
+        // A new document whose bytes do not load is refused by write too.
+        let w = DocWrite {
+            id: fresh,
+            info: DocInfo::other(),
+            base_heads: vec![],
+            data: bad.clone(),
+            heads: vec![],
+        };
+        assert!(l.store().write(&[w]).is_err());
+    }
+    assert_eq!(l.store().last_seq().unwrap(), seq);
+    assert_eq!(l.store().load(hh).unwrap().unwrap().meta, before);
+    // Still usable.
+    l.distribute(hh, "JP-2023", "nfi-kit", 1).unwrap();
+}
+
+#[test]
+fn a_damaged_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    assert!(Store::open(&path).is_err());
+}
+
+#[test]
+fn second_open_of_the_same_file_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let _a = Store::open(&path).unwrap();
+    assert!(matches!(Store::open(&path), Err(StoreError::Locked(_))));
+}
+
+#[test]
+fn feed_lists_each_document_once_at_its_latest_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let cursor = l.store().last_seq().unwrap();
+    let h1 = l.register(new_household("SOC-01", "A")).unwrap();
+    let h2 = l.register(new_household("SOC-01", "B")).unwrap();
+    l.distribute(h1, "JP-2023", "nfi-kit", 1).unwrap();
+    let since: Vec<DocumentId> = l
+        .store()
+        .changes_since(cursor, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let site = DocumentId::derived("site", "SOC-01");
+    assert_eq!(since, vec![h2, site, h1]);
+    let last = l.store().last_seq().unwrap();
+    assert!(l.store().changes_since(last, 100).unwrap().is_empty());
+}
+
+/// Child half of the SIGKILL test: writes households forever, printing each id once its
+/// write has committed. Run only by `sigkill_mid_write_keeps_every_committed_write`.
+#[test]
+#[ignore = "child process of the SIGKILL test"]
+fn child_writer() {
+    let Ok(dir) = std::env::var("RELAIS_CHILD_DIR") else {
+        return;
+    };
+    let l = ledger(std::path::Path::new(&dir), "tab");
+    seed(&l);
+    let mut i = 0u64;
+    loop {
+        let hh = l
+            .register(new_household("SOC-01", &format!("Household {i}")))
+            .unwrap();
+        println!("COMMITTED {hh}");
+        i += 1;
+    }
+}
+
+#[test]
+fn sigkill_mid_write_keeps_every_committed_write() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_writer", "--ignored", "--nocapture"])
+            .env("RELAIS_CHILD_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut committed = Vec::new();
+        let reader = BufReader::new(child.stdout.take().unwrap());
+        for line in reader.lines() {
+            let line = line.unwrap();
+            if let Some(id) = line.strip_prefix("COMMITTED ") {
+                committed.push(id.parse::<DocumentId>().unwrap());
+                if committed.len() >= 40 + round * 25 {
+                    break;
+                }
+            }
+        }
+        // SIGKILL, in the middle of the next write.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let l = ledger(dir.path(), "tab");
+        for id in &committed {
+            let v = l.household(*id).unwrap();
+            assert!(v.household.head_name.starts_with("Household "));
+        }
+        let roster = l.list_site("SOC-01").unwrap();
+        assert!(roster.len() >= committed.len());
+        // And it takes new writes.
+        l.register(new_household("SOC-01", "After restart")).unwrap();
+    }
+}
