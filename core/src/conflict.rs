@@ -27,7 +27,13 @@ pub fn conflicts(doc: &impl automerge::ReadDoc) -> Vec<FieldConflict> {
     out
 }
 
-fn walk(doc: &impl automerge::ReadDoc, obj: &ObjId, t: ObjType, path: String, out: &mut Vec<FieldConflict>) {
+fn walk(
+    doc: &impl automerge::ReadDoc,
+    obj: &ObjId,
+    t: ObjType,
+    path: String,
+    out: &mut Vec<FieldConflict>,
+) {
     let join = |k: &str| {
         if path.is_empty() {
             k.to_string()

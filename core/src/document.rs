@@ -94,7 +94,7 @@ pub enum DocError {
         kind: &'static str,
         /// What autosurgeon reported.
         #[source]
-        source: autosurgeon::HydrateError,
+        source: Box<autosurgeon::HydrateError>,
     },
 }
 
@@ -124,7 +124,7 @@ fn read_record<T: Hydrate>(doc: &Automerge, kind: DocKind) -> Result<T, DocError
     }
     hydrate_prop(doc, ROOT, RECORD).map_err(|source| DocError::Malformed {
         kind: kind.as_str(),
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -5,6 +5,7 @@
 //! enumerator, device and operation (never personal values), then stores it durably before
 //! returning.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{transaction::Transactable, ActorId, Automerge, ChangeHash, ROOT};
@@ -86,7 +87,7 @@ pub struct DoubleDistribution {
 
 /// Domain operations over a store, writing as one device.
 pub struct Ledger {
-    store: Store,
+    store: Arc<Store>,
     writer: Writer,
     actor: ActorId,
 }
@@ -111,7 +112,8 @@ pub fn now_ms() -> i64 {
 impl Ledger {
     /// Wraps a store. The device's actor id is created on first use and kept in the store, so
     /// the same device always writes with the same actor.
-    pub fn new(store: Store, writer: Writer) -> Result<Self, LedgerError> {
+    pub fn new(store: impl Into<Arc<Store>>, writer: Writer) -> Result<Self, LedgerError> {
+        let store = store.into();
         let actor = match store.get_meta(ACTOR_KEY)? {
             Some(bytes) => ActorId::from(bytes),
             None => {
@@ -130,6 +132,11 @@ impl Ledger {
     /// The store underneath.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store underneath, shared (e.g. with a sync hub).
+    pub fn store_arc(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// Who writes.
@@ -320,7 +327,10 @@ impl Ledger {
         .map_err(|f| f.error)?;
         let opts = self.commit_opts("roster-add");
         site_doc
-            .transact_with(|_| opts, |tx| document::roster_add(tx, id, hh.registered.at))
+            .transact_with(
+                |_| opts,
+                |tx| document::roster_add(tx, id, hh.registered.at),
+            )
             .map_err(|f| f.error)?;
         let writes = [
             self.write_of(id, &doc, Vec::new()),

@@ -54,6 +54,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod campaign;
 pub mod conflict;
 pub mod distribution;
@@ -62,6 +63,7 @@ pub mod household;
 pub mod id;
 pub mod ledger;
 pub mod names;
+pub mod protocol;
 pub mod site;
 pub mod store;
 pub mod validation;

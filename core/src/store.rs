@@ -197,7 +197,9 @@ pub fn load_doc(id: DocumentId, parts: &[&[u8]]) -> Result<Automerge, StoreError
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut parts = parts.iter();
         let mut doc = match parts.next() {
-            Some(first) if !first.is_empty() => Automerge::load(first).map_err(|e| e.to_string())?,
+            Some(first) if !first.is_empty() => {
+                Automerge::load(first).map_err(|e| e.to_string())?
+            }
             _ => Automerge::new(),
         };
         for p in parts {
@@ -221,7 +223,9 @@ pub fn parse_strict(id: DocumentId, bytes: &[u8]) -> Result<Automerge, StoreErro
             .on_partial_load(automerge::OnPartialLoad::Error)
             .verification_mode(automerge::VerificationMode::Check)
     };
-    match catch_unwind(AssertUnwindSafe(|| Automerge::load_with_options(bytes, opts()))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        Automerge::load_with_options(bytes, opts())
+    })) {
         Ok(Ok(doc)) => Ok(doc),
         Ok(Err(e)) => Err(corrupt(e.to_string())),
         Err(_) => Err(corrupt("automerge panicked while parsing".into())),

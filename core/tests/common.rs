@@ -78,8 +78,6 @@ pub fn merge_into(from: &Store, to: &Ledger) {
     for (id, _) in from.list().unwrap() {
         let doc = from.load(id).unwrap().unwrap().doc;
         let bytes = doc.save();
-        to.store()
-            .apply(id, &bytes, |d| to.describe(d))
-            .unwrap();
+        to.store().apply(id, &bytes, |d| to.describe(d)).unwrap();
     }
 }

@@ -14,10 +14,25 @@ use relais_core::DocumentId;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Register { replica: usize, name: u8 },
-    Edit { replica: usize, hh: usize, field: u8, value: u8 },
-    Distribute { replica: usize, hh: usize, item: usize },
-    Merge { from: usize, to: usize },
+    Register {
+        replica: usize,
+        name: u8,
+    },
+    Edit {
+        replica: usize,
+        hh: usize,
+        field: u8,
+        value: u8,
+    },
+    Distribute {
+        replica: usize,
+        hh: usize,
+        item: usize,
+    },
+    Merge {
+        from: usize,
+        to: usize,
+    },
 }
 
 const ITEMS: [&str; 3] = ["nfi-kit", "shelter-kit", "tarpaulin"];
@@ -25,9 +40,17 @@ const ITEMS: [&str; 3] = ["nfi-kit", "shelter-kit", "tarpaulin"];
 fn op(n: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
         (0..n, any::<u8>()).prop_map(|(replica, name)| Op::Register { replica, name }),
-        (0..n, 0..8usize, 0..3u8, any::<u8>())
-            .prop_map(|(replica, hh, field, value)| Op::Edit { replica, hh, field, value }),
-        (0..n, 0..8usize, 0..3usize).prop_map(|(replica, hh, item)| Op::Distribute { replica, hh, item }),
+        (0..n, 0..8usize, 0..3u8, any::<u8>()).prop_map(|(replica, hh, field, value)| Op::Edit {
+            replica,
+            hh,
+            field,
+            value
+        }),
+        (0..n, 0..8usize, 0..3usize).prop_map(|(replica, hh, item)| Op::Distribute {
+            replica,
+            hh,
+            item
+        }),
         (0..n, 0..n).prop_map(|(from, to)| Op::Merge { from, to }),
     ]
 }
@@ -50,11 +73,18 @@ fn snapshot(l: &Ledger) -> BTreeMap<DocumentId, (Vec<String>, Vec<u8>)> {
         .into_iter()
         .map(|(id, m)| {
             let doc = l.store().load(id).unwrap().unwrap().doc;
-            (id, (m.heads, serde_json::to_vec(&relais_core::conflict::to_json(
-                &doc,
-                &automerge::Value::Object(automerge::ObjType::Map),
-                &automerge::ROOT,
-            )).unwrap()))
+            (
+                id,
+                (
+                    m.heads,
+                    serde_json::to_vec(&relais_core::conflict::to_json(
+                        &doc,
+                        &automerge::Value::Object(automerge::ObjType::Map),
+                        &automerge::ROOT,
+                    ))
+                    .unwrap(),
+                ),
+            )
         })
         .collect()
 }

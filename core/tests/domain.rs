@@ -8,7 +8,11 @@ use relais_core::household::{HouseholdUpdate, Status};
 use relais_core::ledger::LedgerError;
 use relais_core::validation::ValidationError;
 
-fn forked() -> (tempfile::TempDir, relais_core::ledger::Ledger, relais_core::ledger::Ledger) {
+fn forked() -> (
+    tempfile::TempDir,
+    relais_core::ledger::Ledger,
+    relais_core::ledger::Ledger,
+) {
     let dir = tempfile::tempdir().unwrap();
     let a = ledger(dir.path(), "tab-a");
     let b = ledger(dir.path(), "tab-b");
@@ -20,7 +24,9 @@ fn forked() -> (tempfile::TempDir, relais_core::ledger::Ledger, relais_core::led
 #[test]
 fn concurrent_edits_to_different_fields_both_survive() {
     let (_d, a, b) = forked();
-    let hh = a.register(new_household("SOC-01", "Aminata Traoré")).unwrap();
+    let hh = a
+        .register(new_household("SOC-01", "Aminata Traoré"))
+        .unwrap();
     merge_into(a.store(), &b);
     a.update(
         hh,
@@ -51,7 +57,9 @@ fn concurrent_edits_to_different_fields_both_survive() {
 #[test]
 fn true_conflict_on_one_field_is_kept_and_visible() {
     let (_d, a, b) = forked();
-    let hh = a.register(new_household("SOC-01", "Aminata Traoré")).unwrap();
+    let hh = a
+        .register(new_household("SOC-01", "Aminata Traoré"))
+        .unwrap();
     merge_into(a.store(), &b);
     for (l, name) in [(&a, "Aminata Traore"), (&b, "Aminata Touré")] {
         l.update(
@@ -69,7 +77,11 @@ fn true_conflict_on_one_field_is_kept_and_visible() {
     let vb = b.household(hh).unwrap();
     assert_eq!(va.household.head_name, vb.household.head_name);
     let c = va.conflicts.iter().find(|c| c.path == "head_name").unwrap();
-    let mut values: Vec<String> = c.values.iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let mut values: Vec<String> = c
+        .values
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     values.sort();
     assert_eq!(values, vec!["Aminata Touré", "Aminata Traore"]);
 }
@@ -77,14 +89,22 @@ fn true_conflict_on_one_field_is_kept_and_visible() {
 #[test]
 fn concurrent_double_handout_is_detected_on_both_sides() {
     let (_d, a, b) = forked();
-    let hh = a.register(new_household("SOC-01", "Fatoumata Diallo")).unwrap();
-    let other = a.register(new_household("SOC-01", "Moussa Coulibaly")).unwrap();
+    let hh = a
+        .register(new_household("SOC-01", "Fatoumata Diallo"))
+        .unwrap();
+    let other = a
+        .register(new_household("SOC-01", "Moussa Coulibaly"))
+        .unwrap();
     merge_into(a.store(), &b);
-    a.distribute_on(hh, "JP-2023", "nfi-kit", 1, "2023-07-10").unwrap();
-    b.distribute_on(hh, "JP-2023", "nfi-kit", 1, "2023-07-11").unwrap();
+    a.distribute_on(hh, "JP-2023", "nfi-kit", 1, "2023-07-10")
+        .unwrap();
+    b.distribute_on(hh, "JP-2023", "nfi-kit", 1, "2023-07-11")
+        .unwrap();
     // Different items or households are not doubles.
-    a.distribute_on(hh, "JP-2023", "shelter-kit", 1, "2023-07-10").unwrap();
-    b.distribute_on(other, "JP-2023", "nfi-kit", 1, "2023-07-11").unwrap();
+    a.distribute_on(hh, "JP-2023", "shelter-kit", 1, "2023-07-10")
+        .unwrap();
+    b.distribute_on(other, "JP-2023", "nfi-kit", 1, "2023-07-11")
+        .unwrap();
     assert!(a.double_distributions().unwrap().is_empty());
     merge_into(a.store(), &b);
     merge_into(b.store(), &a);
@@ -93,7 +113,12 @@ fn concurrent_double_handout_is_detected_on_both_sides() {
         assert_eq!(doubles.len(), 1, "{doubles:?}");
         assert_eq!(doubles[0].household, hh);
         assert_eq!(doubles[0].slot.item, "nfi-kit");
-        let mut devices: Vec<_> = doubles[0].slot.handouts.iter().map(|h| h.device.clone()).collect();
+        let mut devices: Vec<_> = doubles[0]
+            .slot
+            .handouts
+            .iter()
+            .map(|h| h.device.clone())
+            .collect();
         devices.sort();
         assert_eq!(devices, vec!["tab-a", "tab-b"]);
     }
@@ -107,7 +132,12 @@ fn concurrent_registrations_on_one_site_all_reach_the_roster() {
     merge_into(a.store(), &b);
     merge_into(b.store(), &a);
     for l in [&a, &b] {
-        let mut ids: Vec<_> = l.list_site("SOC-01").unwrap().iter().map(|v| v.id).collect();
+        let mut ids: Vec<_> = l
+            .list_site("SOC-01")
+            .unwrap()
+            .iter()
+            .map(|v| v.id)
+            .collect();
         ids.sort();
         let mut want = vec![h1, h2];
         want.sort();
@@ -148,11 +178,18 @@ fn validation_errors_write_nothing() {
     assert_nothing_written(
         &l,
         l.register(h.clone()),
-        ValidationError::SizeBelowMembers { size: 2, members: 3 },
+        ValidationError::SizeBelowMembers {
+            size: 2,
+            members: 3,
+        },
     );
     h.size = None;
     h.site = "NOPE-1".into();
-    assert_nothing_written(&l, l.register(h.clone()), ValidationError::UnknownSite("NOPE-1".into()));
+    assert_nothing_written(
+        &l,
+        l.register(h.clone()),
+        ValidationError::UnknownSite("NOPE-1".into()),
+    );
     assert_eq!(l.store().last_seq().unwrap(), seq);
 
     h.site = "SOC-01".into();
@@ -238,7 +275,8 @@ fn name_lookup_ignores_accents_and_case() {
     let dir = tempfile::tempdir().unwrap();
     let l = ledger(dir.path(), "tab");
     seed(&l);
-    l.register(new_household("SOC-01", "Aminata Traoré")).unwrap();
+    l.register(new_household("SOC-01", "Aminata Traoré"))
+        .unwrap();
     l.register(new_household("SOC-01", "Oumar Touré")).unwrap();
     assert_eq!(l.find_by_name("TRAORE").unwrap().len(), 1);
     assert_eq!(l.find_by_name("toure").unwrap().len(), 1);

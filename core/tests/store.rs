@@ -18,7 +18,9 @@ fn reopen_after_close_keeps_everything() {
     let (hh, seq) = {
         let l = ledger(dir.path(), "tab");
         seed(&l);
-        let hh = l.register(new_household("SOC-01", "Kadiatou Sangaré")).unwrap();
+        let hh = l
+            .register(new_household("SOC-01", "Kadiatou Sangaré"))
+            .unwrap();
         l.distribute(hh, "JP-2023", "nfi-kit", 1).unwrap();
         (hh, l.store().last_seq().unwrap())
     };
@@ -77,7 +79,12 @@ fn a_write_from_a_stale_view_keeps_the_union_of_heads() {
         .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "c", 3).map(|_| ()))
         .unwrap();
     store
-        .write(&[DocWrite::from_doc(id, DocInfo::other(), &fork1, base.clone())])
+        .write(&[DocWrite::from_doc(
+            id,
+            DocInfo::other(),
+            &fork1,
+            base.clone(),
+        )])
         .unwrap();
     store
         .write(&[DocWrite::from_doc(id, DocInfo::other(), &fork2, base)])
@@ -85,7 +92,12 @@ fn a_write_from_a_stale_view_keeps_the_union_of_heads() {
     let loaded = store.load(id).unwrap().unwrap();
     assert_eq!(loaded.doc.get(ROOT, "b").unwrap().is_some(), true);
     assert_eq!(loaded.doc.get(ROOT, "c").unwrap().is_some(), true);
-    let mut want: Vec<String> = loaded.doc.get_heads().iter().map(|h| h.to_string()).collect();
+    let mut want: Vec<String> = loaded
+        .doc
+        .get_heads()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
     want.sort();
     assert_eq!(loaded.meta.heads, want);
     assert_eq!(want.len(), 2);
@@ -223,6 +235,7 @@ fn sigkill_mid_write_keeps_every_committed_write() {
         let roster = l.list_site("SOC-01").unwrap();
         assert!(roster.len() >= committed.len());
         // And it takes new writes.
-        l.register(new_household("SOC-01", "After restart")).unwrap();
+        l.register(new_household("SOC-01", "After restart"))
+            .unwrap();
     }
 }

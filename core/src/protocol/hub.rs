@@ -1,0 +1,1293 @@
+//! The server side of sync, as a state machine with no I/O.
+//!
+//! A [`Hub`] holds the loaded documents, the connected peers and, per peer and document,
+//! automerge's `sync::State`. It is fed frames ([`Hub::receive`]) and returns a [`Step`]:
+//! document writes to make durable, then frames to send and connections to close.
+//!
+//! **Contract with the adapter:** commit `Step::writes` durably *before* sending any frame of
+//! the same step. A sync reply tells a client "I have your change" (its heads match), and a
+//! relay shows the change to others, so both must wait until the change is on disk. If the
+//! commit fails, call [`Hub::reset`] and close every connection: clients resync from what
+//! is durable.
+//!
+//! Documents are loaded on demand through [`HubStore`] and evicted, least recently used
+//! first, beyond [`HubConfig::max_loaded_docs`]; sync states of evicted documents are
+//! dropped too, and a later exchange starts afresh (automerge's protocol recovers from any
+//! state). Subscriptions are indexed by document and by connection, so the work for one
+//! message depends on the peers of that document, not on the totals.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+
+use crate::access::Identity;
+use crate::document::{self, DocInfo, DocKind};
+use crate::protocol::message::{
+    DecodeError, DocMessage, FeedDoc, Message, PeerMetadata, PROTOCOL_RELAIS, PROTOCOL_V1,
+};
+use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc};
+use crate::DocumentId;
+
+/// Identifies one connection, chosen by the adapter.
+pub type ConnId = u64;
+
+/// What the hub needs from durable storage: reads only. Writes go out in [`Step::writes`].
+pub trait HubStore {
+    /// Loads a document.
+    fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError>;
+    /// The change feed after `since`.
+    fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError>;
+    /// Stored heads of a document, without loading it.
+    fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError>;
+    /// The latest feed sequence.
+    fn last_seq(&self) -> Result<u64, StoreError>;
+}
+
+impl HubStore for Store {
+    fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        Store::load(self, id)
+    }
+    fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
+        Store::changes_since(self, since, limit)
+    }
+    fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        Ok(Store::meta(self, id)?.map(|m| m.change_hashes()))
+    }
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        Store::last_seq(self)
+    }
+}
+
+impl<T: HubStore> HubStore for std::sync::Arc<T> {
+    fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        (**self).load(id)
+    }
+    fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
+        (**self).changes_since(since, limit)
+    }
+    fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        (**self).heads(id)
+    }
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        (**self).last_seq()
+    }
+}
+
+/// Limits and names.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// This server's peer id.
+    pub peer_id: String,
+    /// This server's storage id, announced in `peer`.
+    pub storage_id: Option<String>,
+    /// Documents kept in memory before the least recently used are evicted. Each loaded
+    /// household costs a few tens of KB of RSS in automerge, so 20,000 is a few hundred MB.
+    pub max_loaded_docs: usize,
+    /// Documents per `relais-changes` page: about 60 bytes each, so ~120 KB a page.
+    pub feed_page: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            peer_id: format!("relais-{}", DocumentId::random()),
+            storage_id: None,
+            max_loaded_docs: 20_000,
+            feed_page: 2_000,
+        }
+    }
+}
+
+/// What the adapter must do after an input.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Commit these durably first.
+    pub writes: Vec<DocWrite>,
+    /// Then send these frames.
+    pub sends: Vec<(ConnId, Vec<u8>)>,
+    /// Then close these connections, with a reason for the close frame and the log.
+    pub closes: Vec<(ConnId, String)>,
+    /// Sync messages that brought new changes (for metrics).
+    pub merges: u64,
+    /// What happened, for the adapter and the application.
+    pub events: Vec<Event>,
+}
+
+/// Something an adapter or application may want to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An outbound connection finished its handshake.
+    Connected {
+        /// The connection.
+        conn: ConnId,
+        /// The remote selected Relais's fast-reconnect extension.
+        extension: bool,
+    },
+    /// A document changed because of a peer.
+    DocChanged {
+        /// The document.
+        id: DocumentId,
+    },
+    /// The remote of an outbound connection says this document must be deleted here.
+    Purge {
+        /// The connection.
+        conn: ConnId,
+        /// The document.
+        id: DocumentId,
+    },
+    /// An outbound connection is fully in sync: everything this replica holds is confirmed
+    /// by the remote, and everything the remote listed is here. Persist the cursors to
+    /// resume cheaply next time.
+    Synced {
+        /// The connection.
+        conn: ConnId,
+        /// Remote feed cursor to send in the next `relais-changes-since`.
+        remote_cursor: u64,
+        /// Local feed sequence up to which the remote has everything.
+        local_cursor: u64,
+    },
+}
+
+impl Step {
+    fn send(&mut self, conn: ConnId, msg: &Message) {
+        self.sends.push((conn, msg.encode()));
+    }
+}
+
+struct LoadedDoc {
+    doc: Automerge,
+    info: DocInfo,
+    /// Heads known durable (or handed to the adapter to make durable).
+    persisted: Vec<ChangeHash>,
+    last_used: u64,
+}
+
+enum Phase {
+    AwaitingJoin,
+    AwaitingPeer,
+    Ready,
+}
+
+/// Progress of an outbound connection (this replica syncing with a server).
+#[derive(Default)]
+struct Outbound {
+    remote_cursor: u64,
+    local_cursor: u64,
+    /// A `relais-changes-since` is in flight.
+    listing_pending: bool,
+    /// Documents pushed since the last listing was requested.
+    pushed_since_listing: bool,
+    /// Documents still being synced.
+    awaiting: HashSet<DocumentId>,
+    /// `Synced` was reported and nothing happened since.
+    quiet: bool,
+}
+
+struct Conn {
+    identity: Identity,
+    phase: Phase,
+    peer_id: String,
+    ext: bool,
+    syncs: HashMap<DocumentId, sync::State>,
+    subscribed: HashSet<DocumentId>,
+    outbound: Option<Outbound>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HubStats {
+    /// Connections that completed the handshake and are still open.
+    pub ready_connections: usize,
+    /// Documents in memory.
+    pub loaded_docs: usize,
+}
+
+/// The sync hub. See the [module docs](self).
+pub struct Hub<S: HubStore> {
+    cfg: HubConfig,
+    store: S,
+    docs: HashMap<DocumentId, LoadedDoc>,
+    conns: HashMap<ConnId, Conn>,
+    subs: HashMap<DocumentId, HashSet<ConnId>>,
+    regions: HashMap<String, String>,
+    clock: u64,
+    ephemeral_seen: HashSet<(String, String, u64)>,
+    ephemeral_order: VecDeque<(String, String, u64)>,
+}
+
+/// How many recent ephemeral messages are remembered to stop relay loops.
+const EPHEMERAL_MEMORY: usize = 4_096;
+
+impl<S: HubStore> Hub<S> {
+    /// A hub over a store.
+    pub fn new(cfg: HubConfig, store: S) -> Self {
+        Hub {
+            cfg,
+            store,
+            docs: HashMap::new(),
+            conns: HashMap::new(),
+            subs: HashMap::new(),
+            regions: HashMap::new(),
+            clock: 0,
+            ephemeral_seen: HashSet::new(),
+            ephemeral_order: VecDeque::new(),
+        }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            ready_connections: self
+                .conns
+                .values()
+                .filter(|c| matches!(c.phase, Phase::Ready))
+                .count(),
+            loaded_docs: self.docs.len(),
+        }
+    }
+
+    /// The identity of a connection.
+    pub fn identity(&self, conn: ConnId) -> Option<&Identity> {
+        self.conns.get(&conn).map(|c| &c.identity)
+    }
+
+    /// Connections authenticated as `device`.
+    pub fn connections_of(&self, device: &str) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.identity.device == device)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A new, authenticated connection. It must send `join` first.
+    pub fn connect(&mut self, conn: ConnId, identity: Identity) {
+        self.conns.insert(
+            conn,
+            Conn {
+                identity,
+                phase: Phase::AwaitingJoin,
+                peer_id: String::new(),
+                ext: false,
+                syncs: HashMap::new(),
+                subscribed: HashSet::new(),
+                outbound: None,
+            },
+        );
+    }
+
+    /// Opens an outbound connection to a server whose identity (what it may receive) is
+    /// `remote`. `remote_cursor` and `local_cursor` come from the last [`Event::Synced`] for
+    /// this server (0 the first time). Returns the `join` to send.
+    pub fn connect_outbound(
+        &mut self,
+        conn: ConnId,
+        remote: Identity,
+        remote_cursor: u64,
+        local_cursor: u64,
+    ) -> Step {
+        let mut step = Step::default();
+        self.conns.insert(
+            conn,
+            Conn {
+                identity: remote,
+                phase: Phase::AwaitingPeer,
+                peer_id: String::new(),
+                ext: false,
+                syncs: HashMap::new(),
+                subscribed: HashSet::new(),
+                outbound: Some(Outbound {
+                    remote_cursor,
+                    local_cursor,
+                    ..Default::default()
+                }),
+            },
+        );
+        step.send(
+            conn,
+            &Message::Join {
+                sender_id: self.cfg.peer_id.clone(),
+                supported_protocol_versions: vec![PROTOCOL_V1.into(), PROTOCOL_RELAIS.into()],
+                peer_metadata: PeerMetadata {
+                    storage_id: self.cfg.storage_id.clone(),
+                    is_ephemeral: false,
+                },
+            },
+        );
+        step
+    }
+
+    /// Documents an outbound connection is still syncing.
+    pub fn awaiting(&self, conn: ConnId) -> usize {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.outbound.as_ref())
+            .map(|o| o.awaiting.len())
+            .unwrap_or(0)
+    }
+
+    /// The connection is gone.
+    pub fn disconnect(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            for d in c.subscribed {
+                if let Some(s) = self.subs.get_mut(&d) {
+                    s.remove(&conn);
+                    if s.is_empty() {
+                        self.subs.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets every loaded document and sync state (after a failed commit). Connections
+    /// stay registered; the adapter closes them.
+    pub fn reset(&mut self) {
+        self.docs.clear();
+        for c in self.conns.values_mut() {
+            c.syncs.clear();
+        }
+    }
+
+    fn fail(&mut self, step: &mut Step, conn: ConnId, reason: String) {
+        step.send(
+            conn,
+            &Message::Error {
+                message: reason.clone(),
+            },
+        );
+        step.closes.push((conn, reason));
+        self.disconnect(conn);
+    }
+
+    /// Handles one binary frame from a connection.
+    pub fn receive(&mut self, conn: ConnId, frame: &[u8]) -> Step {
+        let mut step = Step::default();
+        if !self.conns.contains_key(&conn) {
+            return step;
+        }
+        match Message::decode(frame) {
+            Ok(msg) => self.handle(conn, msg, &mut step),
+            Err(e) => {
+                let reason = match e {
+                    DecodeError::UnknownType(t) => format!("unknown message type {t:?}"),
+                    other => format!("malformed message: {other}"),
+                };
+                self.fail(&mut step, conn, reason);
+            }
+        }
+        self.evict();
+        step
+    }
+
+    fn handle(&mut self, conn: ConnId, msg: Message, step: &mut Step) {
+        let phase_ready = matches!(self.conns[&conn].phase, Phase::Ready);
+        let outbound = self.conns[&conn].outbound.is_some();
+        match msg {
+            Message::Join {
+                sender_id,
+                supported_protocol_versions,
+                ..
+            } if !outbound => {
+                if phase_ready {
+                    return self.fail(step, conn, "join sent twice".into());
+                }
+                self.join(conn, sender_id, supported_protocol_versions, step);
+            }
+            Message::Peer {
+                sender_id,
+                selected_protocol_version,
+                ..
+            } if outbound && !phase_ready => {
+                let ext = selected_protocol_version == PROTOCOL_RELAIS;
+                if !ext && selected_protocol_version != PROTOCOL_V1 {
+                    return self.fail(
+                        step,
+                        conn,
+                        format!("server selected unknown protocol {selected_protocol_version:?}"),
+                    );
+                }
+                let c = self.conns.get_mut(&conn).expect("checked");
+                c.phase = Phase::Ready;
+                c.peer_id = sender_id;
+                c.ext = ext;
+                step.events.push(Event::Connected {
+                    conn,
+                    extension: ext,
+                });
+                self.start_outbound(conn, step);
+            }
+            _ if !phase_ready => {
+                self.fail(
+                    step,
+                    conn,
+                    format!("{} before the handshake", msg.type_name()),
+                );
+            }
+            Message::Request(m) => self.sync(conn, m, true, step),
+            Message::Sync(m) => self.sync(conn, m, false, step),
+            Message::Ephemeral {
+                sender_id,
+                count,
+                session_id,
+                document_id,
+                data,
+                ..
+            } => self.ephemeral(conn, sender_id, count, session_id, document_id, data, step),
+            Message::ChangesSince { since, .. } if !outbound => {
+                if !self.conns[&conn].ext {
+                    return self.fail(
+                        step,
+                        conn,
+                        "relais-changes-since needs protocol relais-1".into(),
+                    );
+                }
+                self.changes_since(conn, since, step);
+            }
+            Message::Changes {
+                docs,
+                cursor,
+                more,
+                purge,
+                ..
+            } if outbound => self.changes(conn, docs, cursor, more, purge, step),
+            Message::DocUnavailable { document_id, .. } => {
+                if let Ok(id) = document_id.parse::<DocumentId>() {
+                    if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+                        o.awaiting.remove(&id);
+                    }
+                    // A placeholder made for a request that found nothing.
+                    if self
+                        .docs
+                        .get(&id)
+                        .is_some_and(|d| d.doc.get_heads().is_empty())
+                    {
+                        self.docs.remove(&id);
+                    }
+                    self.unsubscribe(conn, id);
+                }
+                self.check_synced(conn, step);
+            }
+            Message::Leave { .. }
+            | Message::RemoteSubscriptionChange { .. }
+            | Message::RemoteHeadsChanged { .. } => {}
+            Message::Error { message } => {
+                step.closes
+                    .push((conn, format!("peer reported an error: {message}")));
+                self.disconnect(conn);
+            }
+            other => {
+                self.fail(
+                    step,
+                    conn,
+                    format!("unexpected {} message", other.type_name()),
+                );
+            }
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, sender_id: String, versions: Vec<String>, step: &mut Step) {
+        let ext = versions.iter().any(|v| v == PROTOCOL_RELAIS);
+        if !ext && !versions.iter().any(|v| v == PROTOCOL_V1) {
+            return self.fail(
+                step,
+                conn,
+                format!("unsupported protocol versions {versions:?}; this server speaks \"1\""),
+            );
+        }
+        // The JS server closes an older socket of the same peer. Only do so for the same
+        // device: a peer id is just a claim, and must not let one device kick another off.
+        let device = self.conns[&conn].identity.device.clone();
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| **id != conn && c.peer_id == sender_id && c.identity.device == device)
+            .map(|(id, _)| *id)
+            .collect();
+        for old in stale {
+            step.closes.push((
+                old,
+                "replaced by a newer connection of the same peer".into(),
+            ));
+            self.disconnect(old);
+        }
+        let c = self.conns.get_mut(&conn).expect("checked");
+        c.phase = Phase::Ready;
+        c.peer_id = sender_id.clone();
+        c.ext = ext;
+        step.send(
+            conn,
+            &Message::Peer {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id: sender_id,
+                selected_protocol_version: if ext { PROTOCOL_RELAIS } else { PROTOCOL_V1 }.into(),
+                peer_metadata: PeerMetadata {
+                    storage_id: self.cfg.storage_id.clone(),
+                    is_ephemeral: false,
+                },
+            },
+        );
+    }
+
+    /// After the handshake of an outbound connection: push what changed here since the last
+    /// sync, and ask the server what changed there.
+    fn start_outbound(&mut self, conn: ConnId, step: &mut Step) {
+        let ext = self.conns[&conn].ext;
+        let since = if ext {
+            self.conns[&conn]
+                .outbound
+                .as_ref()
+                .map(|o| o.local_cursor)
+                .unwrap_or(0)
+        } else {
+            // A stock server cannot list its changes: offer every local document, so that
+            // both pushes and pulls happen.
+            0
+        };
+        let mut cursor = since;
+        loop {
+            let page = match self.store.changes_since(cursor, self.cfg.feed_page) {
+                Ok(p) => p,
+                Err(e) => return self.fail(step, conn, format!("local storage error: {e}")),
+            };
+            let full = page.len() == self.cfg.feed_page;
+            for e in page {
+                cursor = e.seq;
+                if self.conns[&conn].identity.can_read(&e.meta.info) {
+                    self.start_sync(conn, e.id, step);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        if ext {
+            self.request_listing(conn, step);
+        }
+        self.check_synced(conn, step);
+    }
+
+    fn request_listing(&mut self, conn: ConnId, step: &mut Step) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(o) = c.outbound.as_mut() else {
+            return;
+        };
+        o.listing_pending = true;
+        o.pushed_since_listing = false;
+        o.quiet = false;
+        let msg = Message::ChangesSince {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id: c.peer_id.clone(),
+            since: o.remote_cursor,
+        };
+        step.send(conn, &msg);
+    }
+
+    /// Starts syncing one document over an outbound connection.
+    fn start_sync(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) {
+        match self.ensure_loaded(id) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.clock += 1;
+                self.docs.insert(
+                    id,
+                    LoadedDoc {
+                        doc: Automerge::new(),
+                        info: DocInfo::other(),
+                        persisted: Vec::new(),
+                        last_used: self.clock,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(document = %id, error = %e, "cannot load document");
+                return;
+            }
+        }
+        if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+            o.awaiting.insert(id);
+            o.quiet = false;
+            o.pushed_since_listing = true;
+        }
+        // A fresh exchange: whatever was in flight before is recovered by the bloom filters.
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.syncs.remove(&id);
+        }
+        self.subscribe(conn, id);
+        self.reply(conn, id, step);
+    }
+
+    fn changes(
+        &mut self,
+        conn: ConnId,
+        docs: Vec<FeedDoc>,
+        cursor: u64,
+        more: bool,
+        purge: Vec<String>,
+        step: &mut Step,
+    ) {
+        for p in purge {
+            if let Ok(id) = p.parse::<DocumentId>() {
+                self.docs.remove(&id);
+                for c in self.subs.get(&id).cloned().unwrap_or_default() {
+                    self.unsubscribe(c, id);
+                }
+                if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+                    o.awaiting.remove(&id);
+                }
+                step.events.push(Event::Purge { conn, id });
+            }
+        }
+        for d in docs {
+            let Ok(id) = d.document_id.parse::<DocumentId>() else {
+                continue;
+            };
+            let mut theirs: Vec<ChangeHash> = d
+                .heads
+                .iter()
+                .filter_map(|h| ChangeHash::try_from(h.as_slice()).ok())
+                .collect();
+            theirs.sort();
+            let mut mine = match self.docs.get(&id) {
+                Some(l) => l.doc.get_heads(),
+                None => self.store.heads(id).ok().flatten().unwrap_or_default(),
+            };
+            mine.sort();
+            if mine != theirs {
+                self.start_sync(conn, id, step);
+            }
+        }
+        // Cursor 0 marks a live notice, not a reply to a listing.
+        if cursor > 0 {
+            let c = self.conns.get_mut(&conn).expect("checked");
+            let o = c.outbound.as_mut().expect("outbound");
+            o.remote_cursor = cursor;
+            if more {
+                self.request_listing(conn, step);
+                return;
+            }
+            o.listing_pending = false;
+        }
+        self.check_synced(conn, step);
+    }
+
+    /// Reports [`Event::Synced`] once nothing is left to exchange on an outbound connection.
+    fn check_synced(&mut self, conn: ConnId, step: &mut Step) {
+        let ext = match self.conns.get(&conn) {
+            Some(c) if matches!(c.phase, Phase::Ready) => c.ext,
+            _ => return,
+        };
+        let Some(o) = self.conns.get(&conn).and_then(|c| c.outbound.as_ref()) else {
+            return;
+        };
+        if o.quiet || o.listing_pending || !o.awaiting.is_empty() {
+            return;
+        }
+        if ext && o.pushed_since_listing {
+            // Our pushes moved the server's feed: advance the cursor past them, so the next
+            // reconnect lists nothing.
+            return self.request_listing(conn, step);
+        }
+        let local_cursor = match self.store.last_seq() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let o = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.outbound.as_mut())
+            .expect("checked");
+        o.local_cursor = local_cursor;
+        o.quiet = true;
+        step.events.push(Event::Synced {
+            conn,
+            remote_cursor: o.remote_cursor,
+            local_cursor,
+        });
+    }
+
+    fn region_of(&mut self, site: &str) -> Option<String> {
+        if let Some(r) = self.regions.get(site) {
+            return Some(r.clone());
+        }
+        let id = DocumentId::derived("site", site);
+        let region = match self.docs.get(&id) {
+            Some(d) => document::read_site(&d.doc).ok().map(|s| s.admin1),
+            None => self
+                .store
+                .load(id)
+                .ok()
+                .flatten()
+                .and_then(|s| document::read_site(&s.doc).ok())
+                .map(|s| s.admin1),
+        }?;
+        self.regions.insert(site.to_string(), region.clone());
+        Some(region)
+    }
+
+    fn describe(&mut self, doc: &Automerge) -> DocInfo {
+        let info = document::describe(doc, &mut |_| None);
+        if info.kind == DocKind::Site {
+            // A site document carries its own region.
+            if let (Some(code), Some(region)) = (info.sites.first(), info.regions.first()) {
+                self.regions.insert(code.clone(), region.clone());
+            }
+            return info;
+        }
+        let mut regions: Vec<String> = info
+            .sites
+            .iter()
+            .filter_map(|s| self.region_of(s))
+            .collect();
+        regions.sort();
+        regions.dedup();
+        DocInfo { regions, ..info }
+    }
+
+    /// Loads a document into memory if it is stored. `Ok(false)` when unknown.
+    fn ensure_loaded(&mut self, id: DocumentId) -> Result<bool, StoreError> {
+        self.clock += 1;
+        if let Some(d) = self.docs.get_mut(&id) {
+            d.last_used = self.clock;
+            return Ok(true);
+        }
+        match self.store.load(id)? {
+            Some(s) => {
+                let persisted = s.meta.change_hashes();
+                self.docs.insert(
+                    id,
+                    LoadedDoc {
+                        doc: s.doc,
+                        info: s.meta.info,
+                        persisted,
+                        last_used: self.clock,
+                    },
+                );
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn unavailable(&self, conn: ConnId, document_id: String, step: &mut Step) {
+        let target_id = self.conns[&conn].peer_id.clone();
+        step.send(
+            conn,
+            &Message::DocUnavailable {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id,
+                document_id,
+            },
+        );
+    }
+
+    fn sync(&mut self, conn: ConnId, m: DocMessage, is_request: bool, step: &mut Step) {
+        let Ok(id) = m.document_id.parse::<DocumentId>() else {
+            return self.unavailable(conn, m.document_id, step);
+        };
+        let sync_msg = match sync::Message::decode(&m.data) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.fail(
+                    step,
+                    conn,
+                    format!("document {id}: undecodable automerge sync message: {e}"),
+                )
+            }
+        };
+        let loaded = match self.ensure_loaded(id) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(document = %id, error = %e, "cannot load document");
+                return self.unavailable(conn, m.document_id, step);
+            }
+        };
+        // An empty placeholder (made for an earlier message) is not a known document.
+        let known = loaded && !self.docs[&id].doc.get_heads().is_empty();
+        let identity = self.conns[&conn].identity.clone();
+        if known && !identity.can_read(&self.docs[&id].info) {
+            // Out of scope answers exactly as unknown, so ids cannot be probed.
+            if !sync_msg.changes.is_empty() {
+                tracing::warn!(device = %identity.device, document = %id, "refused a write out of scope");
+            }
+            if is_request || !sync_msg.changes.is_empty() {
+                return self.unavailable(conn, m.document_id, step);
+            }
+            let empty = Automerge::new();
+            if let Some(reply) = empty.generate_sync_message(&mut sync::State::new()) {
+                let target_id = self.conns[&conn].peer_id.clone();
+                step.send(
+                    conn,
+                    &Message::Sync(DocMessage {
+                        sender_id: self.cfg.peer_id.clone(),
+                        target_id,
+                        document_id: m.document_id,
+                        data: reply.encode(),
+                    }),
+                );
+            }
+            return;
+        }
+        // A request for something unknown is answered `doc-unavailable`; an empty
+        // placeholder means someone is creating it right now, so sync that instead.
+        if !known && is_request && !loaded && self.conns[&conn].outbound.is_none() {
+            return self.unavailable(conn, m.document_id, step);
+        }
+        if !loaded {
+            self.clock += 1;
+            self.docs.insert(
+                id,
+                LoadedDoc {
+                    doc: Automerge::new(),
+                    info: DocInfo::other(),
+                    persisted: Vec::new(),
+                    last_used: self.clock,
+                },
+            );
+        }
+        let entry = self.docs.get_mut(&id).expect("loaded above");
+        let before = entry.doc.get_heads();
+        let can_write = !known || identity.can_write(&entry.info);
+        let state = self
+            .conns
+            .get_mut(&conn)
+            .expect("checked")
+            .syncs
+            .entry(id)
+            .or_insert_with(|| {
+                let mut s = sync::State::new();
+                s.set_read_only(!can_write);
+                s
+            });
+        // Apply to a fork: a change refused below then leaves nothing behind.
+        let mut candidate = if sync_msg.changes.is_empty() {
+            None
+        } else {
+            Some(entry.doc.fork())
+        };
+        let target = candidate.as_mut().unwrap_or(&mut entry.doc);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            target.receive_sync_message(state, sync_msg)
+        }));
+        let refused = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!(
+                "document {id}: automerge refused the sync message: {e}"
+            )),
+            Err(_) => Some(format!(
+                "document {id}: automerge panicked on the sync message"
+            )),
+        };
+        if let Some(reason) = refused {
+            if !known && self.docs.get(&id).is_some_and(|d| d.persisted.is_empty()) {
+                self.docs.remove(&id);
+            }
+            return self.fail(step, conn, reason);
+        }
+        if let Some(candidate) = candidate {
+            let after = candidate.get_heads();
+            if after != before {
+                let info = self.describe(&candidate);
+                let old_info = self.docs[&id].info.clone();
+                // A household may move out of the writer's scope by the writer's own edit.
+                let allowed = identity.can_write(&info)
+                    || (known && identity.can_write(&old_info) && info.kind == DocKind::Household);
+                if !allowed {
+                    tracing::warn!(device = %identity.device, document = %id, "refused a change out of scope");
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.syncs.remove(&id);
+                    }
+                    return self.unavailable(conn, m.document_id, step);
+                }
+                let entry = self.docs.get_mut(&id).expect("loaded above");
+                entry.doc = candidate;
+                entry.info = info.clone();
+                let base = std::mem::take(&mut entry.persisted);
+                step.writes
+                    .push(DocWrite::from_doc(id, info, &entry.doc, base));
+                entry.persisted = after;
+                step.merges += 1;
+                step.events.push(Event::DocChanged { id });
+                self.subscribe(conn, id);
+                self.relay(id, Some(conn), step);
+            }
+        }
+        self.subscribe(conn, id);
+        // Done once the remote reported our exact heads, even if an acknowledgement
+        // goes out: it carries no change the remote lacks.
+        self.reply(conn, id, step);
+        self.maybe_done(conn, id, step);
+    }
+
+    /// On an outbound connection, a document is done when the server reported our heads
+    /// and nothing is left to send.
+    fn maybe_done(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if c.outbound.is_none() {
+            return;
+        }
+        let Some(entry) = self.docs.get(&id) else {
+            return;
+        };
+        let mut mine = entry.doc.get_heads();
+        mine.sort();
+        let theirs = c
+            .syncs
+            .get(&id)
+            .and_then(|s| s.their_heads.clone())
+            .map(|mut h| {
+                h.sort();
+                h
+            });
+        if theirs.as_ref() == Some(&mine) {
+            if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+                o.awaiting.remove(&id);
+            }
+            if mine.is_empty() {
+                // Nothing on either side: drop the placeholder.
+                self.docs.remove(&id);
+                self.unsubscribe(conn, id);
+            }
+            self.check_synced(conn, step);
+        }
+    }
+
+    fn subscribe(&mut self, conn: ConnId, id: DocumentId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.subscribed.insert(id) {
+                self.subs.entry(id).or_default().insert(conn);
+            }
+        }
+    }
+
+    /// Generates the next sync message for `conn` about `id`, if any. Returns whether one
+    /// was sent.
+    fn reply(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) -> bool {
+        let Some(entry) = self.docs.get(&id) else {
+            return false;
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let can_write = c.outbound.is_some() || c.identity.can_write(&entry.info);
+        let state = c.syncs.entry(id).or_insert_with(|| {
+            let mut s = sync::State::new();
+            s.set_read_only(!can_write);
+            s
+        });
+        let Some(msg) = entry.doc.generate_sync_message(state) else {
+            return false;
+        };
+        let dm = DocMessage {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id: c.peer_id.clone(),
+            document_id: id.to_string(),
+            data: msg.encode(),
+        };
+        // Asking for a document we do not have is a `request`, so the server may answer
+        // `doc-unavailable`.
+        let out = if c.outbound.is_some() && entry.doc.get_heads().is_empty() {
+            Message::Request(dm)
+        } else {
+            Message::Sync(dm)
+        };
+        step.send(conn, &out);
+        true
+    }
+
+    /// Shows a changed document to every other peer that may see it.
+    fn relay(&mut self, id: DocumentId, from: Option<ConnId>, step: &mut Step) {
+        let info = self.docs[&id].info.clone();
+        let subscribers: Vec<ConnId> = self
+            .subs
+            .get(&id)
+            .map(|s| s.iter().copied().filter(|c| Some(*c) != from).collect())
+            .unwrap_or_default();
+        for other in &subscribers {
+            let readable = self.conns[other].identity.can_read(&info);
+            if readable {
+                if let Some(o) = self.conns.get_mut(other).and_then(|c| c.outbound.as_mut()) {
+                    o.awaiting.insert(id);
+                    o.quiet = false;
+                    o.pushed_since_listing = true;
+                }
+                self.reply(*other, id, step);
+            } else {
+                // The document left this peer's scope (a household moved).
+                let peer = self.conns[other].peer_id.clone();
+                step.send(
+                    *other,
+                    &Message::Changes {
+                        sender_id: self.cfg.peer_id.clone(),
+                        target_id: peer,
+                        docs: Vec::new(),
+                        cursor: 0,
+                        more: false,
+                        purge: vec![id.to_string()],
+                    },
+                );
+                self.unsubscribe(*other, id);
+            }
+        }
+        // Relais clients hear of documents they do not follow yet, so a tablet in the
+        // field receives its colleagues' registrations while connected.
+        let heads: Vec<Vec<u8>> = self.docs[&id]
+            .doc
+            .get_heads()
+            .iter()
+            .map(|h| h.0.to_vec())
+            .collect();
+        let candidates: Vec<(ConnId, bool)> = self
+            .conns
+            .iter()
+            .filter(|(cid, c)| {
+                Some(**cid) != from
+                    && matches!(c.phase, Phase::Ready)
+                    && !c.subscribed.contains(&id)
+                    && c.identity.can_read(&info)
+            })
+            .map(|(cid, c)| (*cid, c.outbound.is_some()))
+            .collect();
+        // Upstream servers get new documents pushed at once.
+        for (cid, _) in candidates.iter().filter(|(_, out)| *out) {
+            self.start_sync(*cid, id, step);
+        }
+        let notify: Vec<(ConnId, String)> = candidates
+            .iter()
+            .filter(|(cid, out)| !out && self.conns[cid].ext)
+            .map(|(cid, _)| (*cid, self.conns[cid].peer_id.clone()))
+            .collect();
+        for (cid, peer) in notify {
+            step.send(
+                cid,
+                &Message::Changes {
+                    sender_id: self.cfg.peer_id.clone(),
+                    target_id: peer,
+                    docs: vec![FeedDoc {
+                        document_id: id.to_string(),
+                        heads: heads.clone(),
+                    }],
+                    cursor: 0,
+                    more: false,
+                    purge: Vec::new(),
+                },
+            );
+        }
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, id: DocumentId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.subscribed.remove(&id);
+            c.syncs.remove(&id);
+        }
+        if let Some(s) = self.subs.get_mut(&id) {
+            s.remove(&conn);
+            if s.is_empty() {
+                self.subs.remove(&id);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ephemeral(
+        &mut self,
+        conn: ConnId,
+        sender_id: String,
+        count: u64,
+        session_id: String,
+        document_id: String,
+        data: Vec<u8>,
+        step: &mut Step,
+    ) {
+        let key = (sender_id.clone(), session_id.clone(), count);
+        if !self.ephemeral_seen.insert(key.clone()) {
+            return;
+        }
+        self.ephemeral_order.push_back(key);
+        if self.ephemeral_order.len() > EPHEMERAL_MEMORY {
+            if let Some(old) = self.ephemeral_order.pop_front() {
+                self.ephemeral_seen.remove(&old);
+            }
+        }
+        let Ok(id) = document_id.parse::<DocumentId>() else {
+            return;
+        };
+        let Some(info) = self.docs.get(&id).map(|d| d.info.clone()) else {
+            return;
+        };
+        if !self.conns[&conn].identity.can_read(&info) {
+            return;
+        }
+        let targets: Vec<(ConnId, String)> = self
+            .subs
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter(|c| **c != conn)
+            .filter_map(|c| {
+                let other = &self.conns[c];
+                other
+                    .identity
+                    .can_read(&info)
+                    .then(|| (*c, other.peer_id.clone()))
+            })
+            .collect();
+        for (c, peer) in targets {
+            step.send(
+                c,
+                &Message::Ephemeral {
+                    sender_id: sender_id.clone(),
+                    target_id: peer,
+                    count,
+                    session_id: session_id.clone(),
+                    document_id: document_id.clone(),
+                    data: data.clone(),
+                },
+            );
+        }
+    }
+
+    fn changes_since(&mut self, conn: ConnId, since: u64, step: &mut Step) {
+        let identity = self.conns[&conn].identity.clone();
+        let peer = self.conns[&conn].peer_id.clone();
+        let mut docs = Vec::new();
+        let mut purge = Vec::new();
+        let mut cursor = since;
+        let mut more = false;
+        // Scan pages until one reply is full or the feed ends, skipping what the device
+        // may not see without telling it anything about those documents.
+        'scan: loop {
+            let page = match self.store.changes_since(cursor, self.cfg.feed_page) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "feed read failed");
+                    return self.fail(step, conn, "server storage error".into());
+                }
+            };
+            let full = page.len() == self.cfg.feed_page;
+            for e in page {
+                cursor = e.seq;
+                if !identity.can_read(&e.meta.info) {
+                    continue;
+                }
+                if e.meta.info.erased {
+                    purge.push(e.id.to_string());
+                } else {
+                    docs.push(FeedDoc {
+                        document_id: e.id.to_string(),
+                        heads: e
+                            .meta
+                            .change_hashes()
+                            .iter()
+                            .map(|h| h.0.to_vec())
+                            .collect(),
+                    });
+                }
+                if docs.len() + purge.len() >= self.cfg.feed_page {
+                    more = true;
+                    break 'scan;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        step.send(
+            conn,
+            &Message::Changes {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id: peer,
+                docs,
+                cursor,
+                more,
+                purge,
+            },
+        );
+    }
+
+    /// A document was written outside the hub (admin API, upstream replication): reload it
+    /// and show it to its peers.
+    pub fn reload(&mut self, id: DocumentId) -> Step {
+        let mut step = Step::default();
+        let fresh = match self.store.load(id) {
+            Ok(Some(s)) => s,
+            _ => return step,
+        };
+        let info = fresh.meta.info.clone();
+        let persisted = fresh.meta.change_hashes();
+        if info.kind == DocKind::Site {
+            self.regions
+                .remove(&info.sites.first().cloned().unwrap_or_default());
+        }
+        self.clock += 1;
+        match self.docs.get_mut(&id) {
+            Some(d) => {
+                let mut other = fresh.doc;
+                if d.doc.merge(&mut other).is_err() {
+                    self.docs.remove(&id);
+                    return step;
+                }
+                d.info = info;
+                d.persisted = persisted;
+                d.last_used = self.clock;
+            }
+            None => {
+                self.docs.insert(
+                    id,
+                    LoadedDoc {
+                        doc: fresh.doc,
+                        info,
+                        persisted,
+                        last_used: self.clock,
+                    },
+                );
+            }
+        }
+        self.relay(id, None, &mut step);
+        self.evict();
+        step
+    }
+
+    fn evict(&mut self) {
+        let max = self.cfg.max_loaded_docs.max(1);
+        if self.docs.len() <= max + max / 10 {
+            return;
+        }
+        let busy: HashSet<DocumentId> = self
+            .conns
+            .values()
+            .filter_map(|c| c.outbound.as_ref())
+            .flat_map(|o| o.awaiting.iter().copied())
+            .collect();
+        let mut by_age: Vec<(u64, DocumentId)> = self
+            .docs
+            .iter()
+            .filter(|(id, _)| !busy.contains(id))
+            .map(|(id, d)| (d.last_used, *id))
+            .collect();
+        by_age.sort_unstable();
+        let excess = self.docs.len().saturating_sub(max);
+        for (_, id) in by_age.into_iter().take(excess) {
+            self.docs.remove(&id);
+            if let Some(conns) = self.subs.get(&id) {
+                for c in conns {
+                    if let Some(conn) = self.conns.get_mut(c) {
+                        conn.syncs.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+}

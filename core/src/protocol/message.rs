@@ -1,0 +1,869 @@
+//! The automerge-repo network messages (protocol version "1") and their CBOR codec, plus the
+//! two messages of Relais's fast-reconnect extension.
+//!
+//! Each message is one CBOR map in one binary WebSocket frame. The decoder accepts what JS's
+//! cbor-x actually sends: maps with non-minimal length headers, `undefined` for absent
+//! values, byte strings that may carry a typed-array tag, and fields in any order. It never
+//! panics, and it bounds nesting and declared lengths by the input size, so a hostile frame
+//! cannot make it allocate more than the frame itself.
+
+use minicbor::data::Type;
+use minicbor::{Decoder, Encoder};
+
+/// The automerge-repo protocol version this implements.
+pub const PROTOCOL_V1: &str = "1";
+/// Offered next to "1" by Relais clients; when the server selects it, the fast-reconnect
+/// messages below may be used. Stock clients never offer it, so never see them.
+pub const PROTOCOL_RELAIS: &str = "relais-1";
+
+/// Deepest nesting accepted in a message.
+const MAX_DEPTH: usize = 16;
+
+/// Why a frame is not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not well-formed CBOR, or truncated.
+    #[error("malformed CBOR: {0}")]
+    Cbor(String),
+    /// Well-formed CBOR, but not a map.
+    #[error("a message must be a CBOR map")]
+    NotAMap,
+    /// The `type` field is missing.
+    #[error("message has no type")]
+    MissingType,
+    /// A type this peer does not speak.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A required field is missing.
+    #[error("{ty} message lacks field {field}")]
+    MissingField {
+        /// Message type.
+        ty: String,
+        /// Field name.
+        field: &'static str,
+    },
+    /// A field has the wrong CBOR type.
+    #[error("{ty} message: field {field} has the wrong type")]
+    WrongType {
+        /// Message type.
+        ty: String,
+        /// Field name.
+        field: &'static str,
+    },
+    /// Nested deeper than this decoder accepts.
+    #[error("message nested too deeply")]
+    TooDeep,
+}
+
+/// A decoded CBOR value, as much as the protocol needs.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Text(String),
+    Bytes(Vec<u8>),
+    Int(i128),
+    Float(f64),
+    Bool(bool),
+    /// `null` and `undefined` alike: both mean "absent" in this protocol.
+    Null,
+    Array(Vec<Value>),
+    Map(Vec<(Value, Value)>),
+}
+
+fn cbor_err(e: minicbor::decode::Error) -> DecodeError {
+    DecodeError::Cbor(e.to_string())
+}
+
+/// A declared element count larger than the bytes left cannot be honest.
+fn bounded(d: &Decoder<'_>, n: u64) -> Result<usize, DecodeError> {
+    let left = d.input().len().saturating_sub(d.position()) as u64;
+    if n > left {
+        return Err(DecodeError::Cbor(format!(
+            "declared length {n} exceeds the {left} bytes left"
+        )));
+    }
+    Ok(n as usize)
+}
+
+fn value(d: &mut Decoder<'_>, depth: usize) -> Result<Value, DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    let t = d.datatype().map_err(cbor_err)?;
+    Ok(match t {
+        Type::Bool => Value::Bool(d.bool().map_err(cbor_err)?),
+        Type::Null => {
+            d.null().map_err(cbor_err)?;
+            Value::Null
+        }
+        Type::Undefined => {
+            d.undefined().map_err(cbor_err)?;
+            Value::Null
+        }
+        Type::U8
+        | Type::U16
+        | Type::U32
+        | Type::U64
+        | Type::I8
+        | Type::I16
+        | Type::I32
+        | Type::I64
+        | Type::Int => {
+            let i: i128 = d.int().map_err(cbor_err)?.into();
+            Value::Int(i)
+        }
+        Type::F16 | Type::F32 | Type::F64 => Value::Float(d.f64().map_err(cbor_err)?),
+        Type::Bytes => Value::Bytes(d.bytes().map_err(cbor_err)?.to_vec()),
+        Type::BytesIndef => {
+            let mut out = Vec::new();
+            for chunk in d.bytes_iter().map_err(cbor_err)? {
+                out.extend_from_slice(chunk.map_err(cbor_err)?);
+            }
+            Value::Bytes(out)
+        }
+        Type::String => Value::Text(d.str().map_err(cbor_err)?.to_string()),
+        Type::StringIndef => {
+            let mut out = String::new();
+            for chunk in d.str_iter().map_err(cbor_err)? {
+                out.push_str(chunk.map_err(cbor_err)?);
+            }
+            Value::Text(out)
+        }
+        Type::Array | Type::ArrayIndef => {
+            let len = d.array().map_err(cbor_err)?;
+            let mut out = Vec::new();
+            match len {
+                Some(n) => {
+                    let n = bounded(d, n)?;
+                    out.reserve(n);
+                    for _ in 0..n {
+                        out.push(value(d, depth + 1)?);
+                    }
+                }
+                None => loop {
+                    if d.datatype().map_err(cbor_err)? == Type::Break {
+                        d.skip().map_err(cbor_err)?;
+                        break;
+                    }
+                    out.push(value(d, depth + 1)?);
+                },
+            }
+            Value::Array(out)
+        }
+        Type::Map | Type::MapIndef => {
+            let len = d.map().map_err(cbor_err)?;
+            let mut out = Vec::new();
+            match len {
+                Some(n) => {
+                    let n = bounded(d, n)?;
+                    out.reserve(n);
+                    for _ in 0..n {
+                        let k = value(d, depth + 1)?;
+                        let v = value(d, depth + 1)?;
+                        out.push((k, v));
+                    }
+                }
+                None => loop {
+                    if d.datatype().map_err(cbor_err)? == Type::Break {
+                        d.skip().map_err(cbor_err)?;
+                        break;
+                    }
+                    let k = value(d, depth + 1)?;
+                    let v = value(d, depth + 1)?;
+                    out.push((k, v));
+                },
+            }
+            Value::Map(out)
+        }
+        // Typed-array and other tags: the tagged value is what matters.
+        Type::Tag => {
+            d.tag().map_err(cbor_err)?;
+            value(d, depth + 1)?
+        }
+        Type::Simple => {
+            d.simple().map_err(cbor_err)?;
+            Value::Null
+        }
+        other => return Err(DecodeError::Cbor(format!("unexpected CBOR item {other:?}"))),
+    })
+}
+
+/// Metadata a peer sends about itself in `join` and `peer`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerMetadata {
+    /// Stable id of the peer's storage, when it persists documents.
+    pub storage_id: Option<String>,
+    /// True for peers that keep nothing (sync state need not be remembered).
+    pub is_ephemeral: bool,
+}
+
+/// Fields shared by `request` and `sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocMessage {
+    /// Sender's declared peer id.
+    pub sender_id: String,
+    /// Recipient's peer id.
+    pub target_id: String,
+    /// Document id (bs58check text).
+    pub document_id: String,
+    /// An encoded `automerge::sync::Message`.
+    pub data: Vec<u8>,
+}
+
+/// One document in a `relais-changes` reply: its id and heads on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedDoc {
+    /// Document id (bs58check text).
+    pub document_id: String,
+    /// Heads (32-byte change hashes) of the server's copy.
+    pub heads: Vec<Vec<u8>>,
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Client → server: the first message.
+    Join {
+        /// Declared peer id.
+        sender_id: String,
+        /// Versions the client speaks.
+        supported_protocol_versions: Vec<String>,
+        /// About the client.
+        peer_metadata: PeerMetadata,
+    },
+    /// Server → client: the handshake reply.
+    Peer {
+        /// Server's peer id.
+        sender_id: String,
+        /// Client's peer id.
+        target_id: String,
+        /// Chosen version.
+        selected_protocol_version: String,
+        /// About the server.
+        peer_metadata: PeerMetadata,
+    },
+    /// First sync of a document the sender does not have.
+    Request(DocMessage),
+    /// A sync message.
+    Sync(DocMessage),
+    /// The sender does not have (or will not show) the document.
+    DocUnavailable {
+        /// Sender.
+        sender_id: String,
+        /// Recipient.
+        target_id: String,
+        /// Document id.
+        document_id: String,
+    },
+    /// Relayed, never stored (presence, cursors).
+    Ephemeral {
+        /// Sender.
+        sender_id: String,
+        /// Recipient.
+        target_id: String,
+        /// Sequence within the session.
+        count: u64,
+        /// Sender's session.
+        session_id: String,
+        /// Document id.
+        document_id: String,
+        /// Opaque payload.
+        data: Vec<u8>,
+    },
+    /// Advisory goodbye.
+    Leave {
+        /// Sender.
+        sender_id: String,
+    },
+    /// A fatal protocol error; the connection closes after it.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+    /// Accepted and ignored (heads gossip is off by default in JS).
+    RemoteSubscriptionChange {
+        /// Sender.
+        sender_id: String,
+    },
+    /// Accepted and ignored.
+    RemoteHeadsChanged {
+        /// Sender.
+        sender_id: String,
+    },
+    /// Extension, client → server: which documents changed after feed sequence `since`?
+    ChangesSince {
+        /// Sender.
+        sender_id: String,
+        /// Recipient.
+        target_id: String,
+        /// Cursor from the previous reply (0 the first time).
+        since: u64,
+    },
+    /// Extension, server → client: documents changed after the cursor, in the client's scope.
+    Changes {
+        /// Sender.
+        sender_id: String,
+        /// Recipient.
+        target_id: String,
+        /// Changed documents with the server's heads.
+        docs: Vec<FeedDoc>,
+        /// Cursor to send next time.
+        cursor: u64,
+        /// More pages follow: ask again with `cursor`.
+        more: bool,
+        /// Documents the client must delete (erased, or out of its scope).
+        purge: Vec<String>,
+    },
+}
+
+struct Fields {
+    ty: String,
+    map: Vec<(Value, Value)>,
+}
+
+impl Fields {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.map.iter().find_map(|(k, v)| match k {
+            Value::Text(k) if k == name => match v {
+                Value::Null => None,
+                v => Some(v),
+            },
+            _ => None,
+        })
+    }
+    fn missing(&self, field: &'static str) -> DecodeError {
+        DecodeError::MissingField {
+            ty: self.ty.clone(),
+            field,
+        }
+    }
+    fn wrong(&self, field: &'static str) -> DecodeError {
+        DecodeError::WrongType {
+            ty: self.ty.clone(),
+            field,
+        }
+    }
+    fn text(&self, field: &'static str) -> Result<String, DecodeError> {
+        match self.get(field) {
+            Some(Value::Text(s)) => Ok(s.clone()),
+            Some(_) => Err(self.wrong(field)),
+            None => Err(self.missing(field)),
+        }
+    }
+    fn text_or_empty(&self, field: &'static str) -> Result<String, DecodeError> {
+        match self.get(field) {
+            None => Ok(String::new()),
+            Some(Value::Text(s)) => Ok(s.clone()),
+            Some(_) => Err(self.wrong(field)),
+        }
+    }
+    fn bytes(&self, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+        match self.get(field) {
+            Some(Value::Bytes(b)) => Ok(b.clone()),
+            Some(_) => Err(self.wrong(field)),
+            None => Err(self.missing(field)),
+        }
+    }
+    fn uint(&self, field: &'static str) -> Result<u64, DecodeError> {
+        match self.get(field) {
+            Some(Value::Int(i)) => u64::try_from(*i).map_err(|_| self.wrong(field)),
+            Some(Value::Float(f)) if f.fract() == 0.0 && *f >= 0.0 && *f < 1.8e19 => Ok(*f as u64),
+            Some(_) => Err(self.wrong(field)),
+            None => Err(self.missing(field)),
+        }
+    }
+    fn texts(&self, field: &'static str) -> Result<Vec<String>, DecodeError> {
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Text(s) => Ok(s.clone()),
+                    _ => Err(self.wrong(field)),
+                })
+                .collect(),
+            Some(_) => Err(self.wrong(field)),
+        }
+    }
+    fn metadata(&self) -> Result<PeerMetadata, DecodeError> {
+        // The README says `metadata`, the code sends `peerMetadata`: accept both.
+        let v = self.get("peerMetadata").or_else(|| self.get("metadata"));
+        let Some(v) = v else {
+            return Ok(PeerMetadata::default());
+        };
+        let Value::Map(m) = v else {
+            return Err(self.wrong("peerMetadata"));
+        };
+        let mut meta = PeerMetadata::default();
+        for (k, v) in m {
+            match (k, v) {
+                (Value::Text(k), Value::Text(s)) if k == "storageId" => {
+                    meta.storage_id = Some(s.clone())
+                }
+                (Value::Text(k), Value::Bool(b)) if k == "isEphemeral" => meta.is_ephemeral = *b,
+                _ => {}
+            }
+        }
+        Ok(meta)
+    }
+    fn doc_message(&self) -> Result<DocMessage, DecodeError> {
+        Ok(DocMessage {
+            sender_id: self.text_or_empty("senderId")?,
+            target_id: self.text_or_empty("targetId")?,
+            document_id: self.text("documentId")?,
+            data: self.bytes("data")?,
+        })
+    }
+}
+
+impl Message {
+    /// Decodes one frame. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        let v = value(&mut d, 0)?;
+        if d.position() != bytes.len() {
+            return Err(DecodeError::Cbor("trailing bytes after the message".into()));
+        }
+        let Value::Map(map) = v else {
+            return Err(DecodeError::NotAMap);
+        };
+        let ty = map
+            .iter()
+            .find_map(|(k, v)| match (k, v) {
+                (Value::Text(k), Value::Text(t)) if k == "type" => Some(t.clone()),
+                _ => None,
+            })
+            .ok_or(DecodeError::MissingType)?;
+        let f = Fields { ty, map };
+        Ok(match f.ty.as_str() {
+            "join" => Message::Join {
+                sender_id: f.text("senderId")?,
+                supported_protocol_versions: f.texts("supportedProtocolVersions")?,
+                peer_metadata: f.metadata()?,
+            },
+            "peer" => Message::Peer {
+                sender_id: f.text("senderId")?,
+                target_id: f.text_or_empty("targetId")?,
+                selected_protocol_version: f.text("selectedProtocolVersion")?,
+                peer_metadata: f.metadata()?,
+            },
+            "request" => Message::Request(f.doc_message()?),
+            "sync" => Message::Sync(f.doc_message()?),
+            "doc-unavailable" => Message::DocUnavailable {
+                sender_id: f.text_or_empty("senderId")?,
+                target_id: f.text_or_empty("targetId")?,
+                document_id: f.text("documentId")?,
+            },
+            "ephemeral" => Message::Ephemeral {
+                sender_id: f.text_or_empty("senderId")?,
+                target_id: f.text_or_empty("targetId")?,
+                count: f.uint("count")?,
+                session_id: f.text("sessionId")?,
+                document_id: f.text("documentId")?,
+                data: f.bytes("data")?,
+            },
+            "leave" => Message::Leave {
+                sender_id: f.text_or_empty("senderId")?,
+            },
+            "error" => Message::Error {
+                message: f.text_or_empty("message")?,
+            },
+            "remote-subscription-change" => Message::RemoteSubscriptionChange {
+                sender_id: f.text_or_empty("senderId")?,
+            },
+            "remote-heads-changed" => Message::RemoteHeadsChanged {
+                sender_id: f.text_or_empty("senderId")?,
+            },
+            "relais-changes-since" => Message::ChangesSince {
+                sender_id: f.text_or_empty("senderId")?,
+                target_id: f.text_or_empty("targetId")?,
+                since: f.uint("since")?,
+            },
+            "relais-changes" => {
+                let docs = match f.get("docs") {
+                    None => Vec::new(),
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .map(|item| {
+                            let Value::Array(pair) = item else {
+                                return Err(f.wrong("docs"));
+                            };
+                            match pair.as_slice() {
+                                [Value::Text(id), Value::Array(heads)] => Ok(FeedDoc {
+                                    document_id: id.clone(),
+                                    heads: heads
+                                        .iter()
+                                        .map(|h| match h {
+                                            Value::Bytes(b) => Ok(b.clone()),
+                                            _ => Err(f.wrong("docs")),
+                                        })
+                                        .collect::<Result<_, _>>()?,
+                                }),
+                                _ => Err(f.wrong("docs")),
+                            }
+                        })
+                        .collect::<Result<_, _>>()?,
+                    Some(_) => return Err(f.wrong("docs")),
+                };
+                Message::Changes {
+                    sender_id: f.text_or_empty("senderId")?,
+                    target_id: f.text_or_empty("targetId")?,
+                    docs,
+                    cursor: f.uint("cursor")?,
+                    more: matches!(f.get("more"), Some(Value::Bool(true))),
+                    purge: f.texts("purge")?,
+                }
+            }
+            other => return Err(DecodeError::UnknownType(other.chars().take(64).collect())),
+        })
+    }
+
+    /// Encodes as one CBOR map (minimal headers).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::new(Vec::new());
+        // Writing to a Vec cannot fail.
+        self.write(&mut e).expect("encoding to a Vec is infallible");
+        e.into_writer()
+    }
+
+    fn write(
+        &self,
+        e: &mut Encoder<Vec<u8>>,
+    ) -> Result<(), minicbor::encode::Error<std::convert::Infallible>> {
+        fn meta(
+            e: &mut Encoder<Vec<u8>>,
+            m: &PeerMetadata,
+        ) -> Result<(), minicbor::encode::Error<std::convert::Infallible>> {
+            e.str("peerMetadata")?;
+            match &m.storage_id {
+                Some(s) => {
+                    e.map(2)?.str("storageId")?.str(s)?;
+                }
+                None => {
+                    e.map(1)?;
+                }
+            }
+            e.str("isEphemeral")?.bool(m.is_ephemeral)?;
+            Ok(())
+        }
+        match self {
+            Message::Join {
+                sender_id,
+                supported_protocol_versions,
+                peer_metadata,
+            } => {
+                e.map(4)?.str("type")?.str("join")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("supportedProtocolVersions")?
+                    .array(supported_protocol_versions.len() as u64)?;
+                for v in supported_protocol_versions {
+                    e.str(v)?;
+                }
+                meta(e, peer_metadata)?;
+            }
+            Message::Peer {
+                sender_id,
+                target_id,
+                selected_protocol_version,
+                peer_metadata,
+            } => {
+                e.map(5)?.str("type")?.str("peer")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("selectedProtocolVersion")?
+                    .str(selected_protocol_version)?;
+                meta(e, peer_metadata)?;
+            }
+            Message::Request(m) | Message::Sync(m) => {
+                let ty = if matches!(self, Message::Request(_)) {
+                    "request"
+                } else {
+                    "sync"
+                };
+                e.map(5)?.str("type")?.str(ty)?;
+                e.str("senderId")?.str(&m.sender_id)?;
+                e.str("targetId")?.str(&m.target_id)?;
+                e.str("documentId")?.str(&m.document_id)?;
+                e.str("data")?.bytes(&m.data)?;
+            }
+            Message::DocUnavailable {
+                sender_id,
+                target_id,
+                document_id,
+            } => {
+                e.map(4)?.str("type")?.str("doc-unavailable")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("documentId")?.str(document_id)?;
+            }
+            Message::Ephemeral {
+                sender_id,
+                target_id,
+                count,
+                session_id,
+                document_id,
+                data,
+            } => {
+                e.map(7)?.str("type")?.str("ephemeral")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("count")?.u64(*count)?;
+                e.str("sessionId")?.str(session_id)?;
+                e.str("documentId")?.str(document_id)?;
+                e.str("data")?.bytes(data)?;
+            }
+            Message::Leave { sender_id } => {
+                e.map(2)?.str("type")?.str("leave")?;
+                e.str("senderId")?.str(sender_id)?;
+            }
+            Message::Error { message } => {
+                e.map(2)?.str("type")?.str("error")?;
+                e.str("message")?.str(message)?;
+            }
+            Message::RemoteSubscriptionChange { sender_id } => {
+                e.map(2)?.str("type")?.str("remote-subscription-change")?;
+                e.str("senderId")?.str(sender_id)?;
+            }
+            Message::RemoteHeadsChanged { sender_id } => {
+                e.map(2)?.str("type")?.str("remote-heads-changed")?;
+                e.str("senderId")?.str(sender_id)?;
+            }
+            Message::ChangesSince {
+                sender_id,
+                target_id,
+                since,
+            } => {
+                e.map(4)?.str("type")?.str("relais-changes-since")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("since")?.u64(*since)?;
+            }
+            Message::Changes {
+                sender_id,
+                target_id,
+                docs,
+                cursor,
+                more,
+                purge,
+            } => {
+                e.map(7)?.str("type")?.str("relais-changes")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("docs")?.array(docs.len() as u64)?;
+                for d in docs {
+                    e.array(2)?.str(&d.document_id)?;
+                    e.array(d.heads.len() as u64)?;
+                    for h in &d.heads {
+                        e.bytes(h)?;
+                    }
+                }
+                e.str("cursor")?.u64(*cursor)?;
+                e.str("more")?.bool(*more)?;
+                e.str("purge")?.array(purge.len() as u64)?;
+                for p in purge {
+                    e.str(p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The document a message is about, if any.
+    pub fn document_id(&self) -> Option<&str> {
+        match self {
+            Message::Request(m) | Message::Sync(m) => Some(&m.document_id),
+            Message::DocUnavailable { document_id, .. }
+            | Message::Ephemeral { document_id, .. } => Some(document_id),
+            _ => None,
+        }
+    }
+
+    /// The message's `type` string.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Join { .. } => "join",
+            Message::Peer { .. } => "peer",
+            Message::Request(_) => "request",
+            Message::Sync(_) => "sync",
+            Message::DocUnavailable { .. } => "doc-unavailable",
+            Message::Ephemeral { .. } => "ephemeral",
+            Message::Leave { .. } => "leave",
+            Message::Error { .. } => "error",
+            Message::RemoteSubscriptionChange { .. } => "remote-subscription-change",
+            Message::RemoteHeadsChanged { .. } => "remote-heads-changed",
+            Message::ChangesSince { .. } => "relais-changes-since",
+            Message::Changes { .. } => "relais-changes",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Message> {
+        let dm = DocMessage {
+            sender_id: "a".into(),
+            target_id: "b".into(),
+            document_id: "doc".into(),
+            data: vec![0x42, 1, 2],
+        };
+        vec![
+            Message::Join {
+                sender_id: "a".into(),
+                supported_protocol_versions: vec!["1".into(), PROTOCOL_RELAIS.into()],
+                peer_metadata: PeerMetadata {
+                    storage_id: Some("s".into()),
+                    is_ephemeral: false,
+                },
+            },
+            Message::Peer {
+                sender_id: "srv".into(),
+                target_id: "a".into(),
+                selected_protocol_version: "1".into(),
+                peer_metadata: PeerMetadata::default(),
+            },
+            Message::Request(dm.clone()),
+            Message::Sync(dm),
+            Message::DocUnavailable {
+                sender_id: "s".into(),
+                target_id: "t".into(),
+                document_id: "d".into(),
+            },
+            Message::Ephemeral {
+                sender_id: "s".into(),
+                target_id: "t".into(),
+                count: 7,
+                session_id: "x".into(),
+                document_id: "d".into(),
+                data: vec![1],
+            },
+            Message::Leave {
+                sender_id: "s".into(),
+            },
+            Message::Error {
+                message: "bad".into(),
+            },
+            Message::ChangesSince {
+                sender_id: "s".into(),
+                target_id: "t".into(),
+                since: 42,
+            },
+            Message::Changes {
+                sender_id: "s".into(),
+                target_id: "t".into(),
+                docs: vec![FeedDoc {
+                    document_id: "d".into(),
+                    heads: vec![vec![7; 32]],
+                }],
+                cursor: 43,
+                more: true,
+                purge: vec!["p".into()],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all() {
+            assert_eq!(
+                Message::decode(&m.encode()).unwrap(),
+                m,
+                "{}",
+                m.type_name()
+            );
+        }
+    }
+
+    #[test]
+    fn accepts_cbor_x_quirks() {
+        // A join as cbor-x writes it: 16-bit map header, `undefined` storageId.
+        let mut b = vec![0xb9, 0x00, 0x04];
+        let mut e = Encoder::new(Vec::new());
+        e.str("type").unwrap().str("join").unwrap();
+        e.str("senderId").unwrap().str("peer-1").unwrap();
+        e.str("supportedProtocolVersions")
+            .unwrap()
+            .array(1)
+            .unwrap()
+            .str("1")
+            .unwrap();
+        e.str("peerMetadata").unwrap().map(2).unwrap();
+        e.str("storageId").unwrap().undefined().unwrap();
+        e.str("isEphemeral").unwrap().bool(true).unwrap();
+        b.extend(e.into_writer());
+        let m = Message::decode(&b).unwrap();
+        assert_eq!(
+            m,
+            Message::Join {
+                sender_id: "peer-1".into(),
+                supported_protocol_versions: vec!["1".into()],
+                peer_metadata: PeerMetadata {
+                    storage_id: None,
+                    is_ephemeral: true
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn accepts_metadata_spelling_and_tagged_bytes() {
+        let mut e = Encoder::new(Vec::new());
+        e.map(5).unwrap();
+        e.str("type").unwrap().str("sync").unwrap();
+        e.str("senderId").unwrap().str("a").unwrap();
+        e.str("targetId").unwrap().str("b").unwrap();
+        e.str("documentId").unwrap().str("d").unwrap();
+        e.str("data")
+            .unwrap()
+            .tag(minicbor::data::Tag::new(64))
+            .unwrap()
+            .bytes(&[1, 2])
+            .unwrap();
+        let m = Message::decode(&e.into_writer()).unwrap();
+        assert!(matches!(m, Message::Sync(ref d) if d.data == vec![1, 2]));
+    }
+
+    #[test]
+    fn refuses_bad_input_with_clear_errors() {
+        assert!(matches!(Message::decode(&[]), Err(DecodeError::Cbor(_))));
+        assert!(matches!(
+            Message::decode(&[0xff, 0x00]),
+            Err(DecodeError::Cbor(_))
+        ));
+        assert_eq!(Message::decode(&[0x01]), Err(DecodeError::NotAMap));
+        // A map that claims 2^32 entries in a 9-byte frame.
+        assert!(matches!(
+            Message::decode(&[0xba, 0xff, 0xff, 0xff, 0xff, 0x61, 0x61, 0x61, 0x61]),
+            Err(DecodeError::Cbor(_))
+        ));
+        let mut e = Encoder::new(Vec::new());
+        e.map(1).unwrap().str("type").unwrap().str("bogus").unwrap();
+        assert_eq!(
+            Message::decode(&e.into_writer()),
+            Err(DecodeError::UnknownType("bogus".into()))
+        );
+        let mut e = Encoder::new(Vec::new());
+        e.map(4).unwrap().str("type").unwrap().str("sync").unwrap();
+        e.str("senderId").unwrap().str("a").unwrap();
+        e.str("documentId").unwrap().u32(5).unwrap();
+        e.str("data").unwrap().bytes(&[]).unwrap();
+        assert_eq!(
+            Message::decode(&e.into_writer()),
+            Err(DecodeError::WrongType {
+                ty: "sync".into(),
+                field: "documentId"
+            })
+        );
+        // Deep nesting.
+        let mut deep = vec![0x81; 100];
+        deep.push(0x01);
+        assert_eq!(Message::decode(&deep), Err(DecodeError::TooDeep));
+        // Truncated valid message.
+        let full = all()[3].encode();
+        for cut in 0..full.len() {
+            assert!(Message::decode(&full[..cut]).is_err());
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Whole syncs without sockets: hubs exchange frames in memory over real stores.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use common::*;
+use relais_core::access::{Identity, Role, Scope};
+use relais_core::ledger::Ledger;
+use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, Step};
+use relais_core::protocol::message::Message;
+use relais_core::store::Store;
+
+/// One client hub connected to one server hub, with a frame log.
+struct Link {
+    client: Hub<Arc<Store>>,
+    server: Hub<Arc<Store>>,
+    to_server: VecDeque<Vec<u8>>,
+    to_client: VecDeque<Vec<u8>>,
+    events: Vec<Event>,
+    frames: usize,
+    closed: Vec<String>,
+}
+
+const C: ConnId = 1;
+const S: ConnId = 7;
+
+fn commit(store: &Store, step: &Step) {
+    store.write(&step.writes).unwrap();
+}
+
+impl Link {
+    fn new(
+        client_store: Arc<Store>,
+        server_store: Arc<Store>,
+        who: Identity,
+        cursors: (u64, u64),
+    ) -> Self {
+        let mut client = Hub::new(HubConfig::default(), client_store);
+        let mut server = Hub::new(HubConfig::default(), server_store);
+        server.connect(S, who);
+        let step = client.connect_outbound(C, Identity::admin("server"), cursors.0, cursors.1);
+        let mut link = Link {
+            client,
+            server,
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            events: Vec::new(),
+            frames: 0,
+            closed: Vec::new(),
+        };
+        link.absorb_client(step);
+        link
+    }
+
+    fn absorb_client(&mut self, step: Step) {
+        commit(self.client.store(), &step);
+        self.events.extend(step.events);
+        for (_, f) in step.sends {
+            self.to_server.push_back(f);
+        }
+        for (_, r) in step.closes {
+            self.closed.push(r);
+        }
+    }
+
+    fn absorb_server(&mut self, step: Step) {
+        commit(self.server.store(), &step);
+        for (_, f) in step.sends {
+            self.to_client.push_back(f);
+        }
+        for (_, r) in step.closes {
+            self.closed.push(r);
+        }
+    }
+
+    /// Delivers frames until both sides are quiet.
+    fn run(&mut self) {
+        for _ in 0..1_000_000 {
+            if let Some(f) = self.to_server.pop_front() {
+                self.frames += 1;
+                let step = self.server.receive(S, &f);
+                self.absorb_server(step);
+            } else if let Some(f) = self.to_client.pop_front() {
+                self.frames += 1;
+                let step = self.client.receive(C, &f);
+                self.absorb_client(step);
+            } else {
+                return;
+            }
+        }
+        panic!("sync did not quiesce");
+    }
+
+    fn synced(&self) -> Option<(u64, u64)> {
+        self.events.iter().rev().find_map(|e| match e {
+            Event::Synced {
+                remote_cursor,
+                local_cursor,
+                ..
+            } => Some((*remote_cursor, *local_cursor)),
+            _ => None,
+        })
+    }
+}
+
+fn shared(l: &Ledger) -> Arc<Store> {
+    // The ledger and the hub share one store, as in the client library.
+    l.store_arc()
+}
+
+#[test]
+fn two_tablets_converge_through_a_server_and_reconnect_cheaply() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let tab_a = ledger(dir.path(), "tab-a");
+    let tab_b = ledger(dir.path(), "tab-b");
+
+    // Provisioning: both tablets receive the sites and campaign.
+    for tab in [&tab_a, &tab_b] {
+        let mut link = Link::new(shared(tab), shared(&office), Identity::admin("tab"), (0, 0));
+        link.run();
+        assert!(link.synced().is_some(), "{:?}", link.closed);
+        assert!(tab.site("SOC-01").unwrap().is_some());
+        assert!(tab.campaign("JP-2023").unwrap().is_some());
+    }
+
+    // Offline work on both.
+    let h = tab_a
+        .register(new_household("SOC-01", "Aminata Traoré"))
+        .unwrap();
+    let mut link = Link::new(
+        shared(&tab_a),
+        shared(&office),
+        Identity::admin("tab-a"),
+        (0, 0),
+    );
+    link.run();
+    let cursors_a = link.synced().unwrap();
+    let mut link = Link::new(
+        shared(&tab_b),
+        shared(&office),
+        Identity::admin("tab-b"),
+        (0, 0),
+    );
+    link.run();
+    let cursors_b = link.synced().unwrap();
+    assert_eq!(
+        tab_b.household(h).unwrap().household.head_name,
+        "Aminata Traoré"
+    );
+
+    tab_a
+        .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-10")
+        .unwrap();
+    tab_b
+        .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-11")
+        .unwrap();
+    let h2 = tab_b
+        .register(new_household("SOC-01", "Moussa Diarra"))
+        .unwrap();
+
+    let mut la = Link::new(
+        shared(&tab_a),
+        shared(&office),
+        Identity::admin("tab-a"),
+        cursors_a,
+    );
+    la.run();
+    let cursors_a = la.synced().unwrap();
+    let mut lb = Link::new(
+        shared(&tab_b),
+        shared(&office),
+        Identity::admin("tab-b"),
+        cursors_b,
+    );
+    lb.run();
+    let cursors_b = lb.synced().unwrap();
+    let mut la = Link::new(
+        shared(&tab_a),
+        shared(&office),
+        Identity::admin("tab-a"),
+        cursors_a,
+    );
+    la.run();
+    let cursors_a = la.synced().unwrap();
+
+    for l in [&tab_a, &tab_b, &office] {
+        let d = l.double_distributions().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].household, h);
+        assert_eq!(l.list_site("SOC-01").unwrap().len(), 2);
+        assert!(l.household(h2).is_ok());
+    }
+
+    // Nothing new: join, peer, one listing request, one empty reply.
+    for (tab, cursors) in [(&tab_a, cursors_a), (&tab_b, cursors_b)] {
+        let mut link = Link::new(shared(tab), shared(&office), Identity::admin("t"), cursors);
+        link.run();
+        assert!(link.synced().is_some());
+        assert_eq!(
+            link.frames, 4,
+            "a reconnect with nothing new costs four frames"
+        );
+    }
+}
+
+#[test]
+fn scoped_device_gets_only_its_sites_and_cannot_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let soc = office
+        .register(new_household("SOC-01", "In scope"))
+        .unwrap();
+    let gao = office
+        .register(new_household("GAO-01", "Out of scope"))
+        .unwrap();
+    let tab = ledger(dir.path(), "tab");
+    let who = Identity {
+        device: "tab-mopti-07".into(),
+        role: Role::Enumerator,
+        scope: Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        },
+    };
+    let mut link = Link::new(shared(&tab), shared(&office), who.clone(), (0, 0));
+    link.run();
+    assert!(link.synced().is_some());
+    assert!(tab.household(soc).is_ok());
+    assert!(tab.household(gao).is_err());
+    assert!(tab.site("GAO-01").unwrap().is_none());
+    // The campaign covers both sites, so it is visible.
+    assert!(tab.campaign("JP-2023").unwrap().is_some());
+
+    // A request for an out-of-scope id is answered exactly like one for an unknown id.
+    let answer = |server: &mut Hub<Arc<Store>>, id: &str| -> Vec<u8> {
+        let m = Message::Request(relais_core::protocol::message::DocMessage {
+            sender_id: "p".into(),
+            target_id: "s".into(),
+            document_id: id.into(),
+            data: automerge::sync::Message::decode(&[])
+                .map(|m| m.encode())
+                .unwrap_or_else(|_| {
+                    let mut st = automerge::sync::State::new();
+                    use automerge::sync::SyncDoc;
+                    automerge::Automerge::new()
+                        .generate_sync_message(&mut st)
+                        .unwrap()
+                        .encode()
+                }),
+        });
+        let step = server.receive(S, &m.encode());
+        assert!(step.writes.is_empty());
+        let (_, frame) = step.sends.into_iter().next().unwrap();
+        match Message::decode(&frame).unwrap() {
+            Message::DocUnavailable { document_id, .. } => {
+                document_id.replace(id, "ID").into_bytes()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let a = answer(&mut link.server, &gao.to_string());
+    let b = answer(
+        &mut link.server,
+        &relais_core::DocumentId::random().to_string(),
+    );
+    assert_eq!(a, b);
+}
