@@ -90,8 +90,8 @@ fn a_write_from_a_stale_view_keeps_the_union_of_heads() {
         .write(&[DocWrite::from_doc(id, DocInfo::other(), &fork2, base)])
         .unwrap();
     let loaded = store.load(id).unwrap().unwrap();
-    assert_eq!(loaded.doc.get(ROOT, "b").unwrap().is_some(), true);
-    assert_eq!(loaded.doc.get(ROOT, "c").unwrap().is_some(), true);
+    assert!(loaded.doc.get(ROOT, "b").unwrap().is_some());
+    assert!(loaded.doc.get(ROOT, "c").unwrap().is_some());
     let mut want: Vec<String> = loaded
         .doc
         .get_heads()

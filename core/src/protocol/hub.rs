@@ -384,7 +384,6 @@ impl<S: HubStore> Hub<S> {
                 self.fail(&mut step, conn, reason);
             }
         }
-        self.evict();
         step
     }
 
@@ -1256,11 +1255,12 @@ impl<S: HubStore> Hub<S> {
             }
         }
         self.relay(id, None, &mut step);
-        self.evict();
         step
     }
 
-    fn evict(&mut self) {
+    /// Evicts the least recently used documents beyond the limit. Call it after a round's
+    /// writes are committed, never between a step and its commit.
+    pub fn evict(&mut self) {
         let max = self.cfg.max_loaded_docs.max(1);
         if self.docs.len() <= max + max / 10 {
             return;

@@ -1,0 +1,217 @@
+//! The HTTP admin API under `/api/v1/`, plus `/healthz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use relais_core::access::{Identity, Role, Scope};
+use relais_core::campaign::Campaign;
+use relais_core::ledger::LedgerError;
+use relais_core::site::Site;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engine::Input;
+use crate::tokens;
+use crate::ws::presented_token;
+use crate::App;
+
+/// An API error: a status and a message, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Validation(v) => ApiError(StatusCode::UNPROCESSABLE_ENTITY, v.to_string()),
+            other => {
+                tracing::error!(error = %other, "ledger failure");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "storage error".into())
+            }
+        }
+    }
+}
+
+impl From<tokens::TokenError> for ApiError {
+    fn from(e: tokens::TokenError) -> Self {
+        match e {
+            tokens::TokenError::Exists(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+            tokens::TokenError::Unknown(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            tokens::TokenError::BadName(_) => {
+                ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            tokens::TokenError::Store(s) => {
+                tracing::error!(error = %s, "token storage failure");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "storage error".into())
+            }
+        }
+    }
+}
+
+fn admin(app: &App, addr: SocketAddr, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    match app.authenticate(addr, presented_token(headers, None)) {
+        Ok(id) if id.role == Role::Admin => Ok(id),
+        Ok(_) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "admin token required".into(),
+        )),
+        Err(_) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing, unknown or revoked token".into(),
+        )),
+    }
+}
+
+/// `GET /healthz`: 200 while the store answers.
+pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    match app.store.len() {
+        Ok(n) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "documents": n })),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "store unavailable" })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Ok(n) = app.store.len() {
+        app.metrics.documents.set(n as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /api/v1/sites`.
+pub async fn add_site(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(site): Json<Site>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let a = app.clone();
+    let id = tokio::task::spawn_blocking(move || a.ledger.put_site(&site))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    app.engine.send(Input::Reload { id }).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "url": id.url() })),
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/campaigns`.
+pub async fn add_campaign(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(campaign): Json<Campaign>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let a = app.clone();
+    let id = tokio::task::spawn_blocking(move || a.ledger.put_campaign(&campaign))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    app.engine.send(Input::Reload { id }).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "url": id.url() })),
+    )
+        .into_response())
+}
+
+/// Body of `POST /api/v1/tokens`.
+#[derive(Debug, Deserialize)]
+pub struct NewToken {
+    name: String,
+    role: Option<Role>,
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    sites: Vec<String>,
+}
+
+/// `POST /api/v1/tokens`: the token is in the reply, once.
+pub async fn create_token(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(req): Json<NewToken>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let scope = Scope {
+        regions: req.regions,
+        sites: req.sites,
+    };
+    let (token, rec) = tokens::create(
+        &app.store,
+        &req.name,
+        req.role.unwrap_or(Role::Enumerator),
+        scope,
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": rec.name, "role": rec.role, "scope": rec.scope, "token": token })),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/tokens`: names, roles, scopes; never the tokens.
+pub async fn list_tokens(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let list: Vec<_> = tokens::list(&app.store)?
+        .into_iter()
+        .map(|r| {
+            json!({ "name": r.name, "role": r.role, "scope": r.scope,
+                    "created_at": r.created_at, "revoked_at": r.revoked_at })
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+/// `DELETE /api/v1/tokens/{name}`: revokes at once and closes the device's connections.
+pub async fn revoke_token(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let rec = tokens::revoke(&app.store, &name)?;
+    app.engine
+        .send(Input::CloseDevice {
+            device: name,
+            reason: "token revoked".into(),
+        })
+        .await;
+    Ok(Json(json!({ "name": rec.name, "revoked_at": rec.revoked_at })).into_response())
+}

@@ -1,0 +1,84 @@
+//! Server configuration: command line, `RELAIS_*` environment variables, a TOML file, and
+//! built-in defaults, in that order of precedence.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default listening address: loopback only, so a fresh install exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7373";
+/// Default data directory.
+pub const DEFAULT_DATA: &str = "./relais-data";
+/// Largest frame accepted. A household document is a few KB; a whole-site bootstrap sync
+/// message stays well below this.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Frames queued for one connection before it counts as stalled and is dropped.
+pub const DEFAULT_SEND_QUEUE: usize = 1_024;
+/// Documents kept in memory before idle ones are evicted.
+pub const DEFAULT_MAX_LOADED_DOCS: usize = 20_000;
+
+/// Settings from a TOML file; every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// `listen = "127.0.0.1:7373"`
+    pub listen: Option<String>,
+    /// `data = "/var/lib/relais"`
+    pub data: Option<PathBuf>,
+    /// `max-frame-bytes = 16777216`
+    pub max_frame_bytes: Option<usize>,
+    /// `send-queue = 1024`
+    pub send_queue: Option<usize>,
+    /// `max-loaded-docs = 20000`
+    pub max_loaded_docs: Option<usize>,
+}
+
+impl FileConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+/// The resolved settings of `relais serve`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory; the store is `relais.redb` inside it.
+    pub data: PathBuf,
+    /// Largest WebSocket message accepted.
+    pub max_frame_bytes: usize,
+    /// Per-connection outbound queue, in frames.
+    pub send_queue: usize,
+    /// Documents kept in memory.
+    pub max_loaded_docs: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            data: PathBuf::from(DEFAULT_DATA),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            send_queue: DEFAULT_SEND_QUEUE,
+            max_loaded_docs: DEFAULT_MAX_LOADED_DOCS,
+        }
+    }
+}
+
+/// The store file inside a data directory.
+pub fn store_path(data: &Path) -> PathBuf {
+    data.join("relais.redb")
+}
+
+impl ServerConfig {
+    /// The store file.
+    pub fn store_path(&self) -> PathBuf {
+        store_path(&self.data)
+    }
+}

@@ -1,0 +1,240 @@
+//! The sync engine: one thread that owns the [`Hub`], batches inputs, commits their writes
+//! in one redb transaction (group commit), then hands the replies to the connections.
+//!
+//! One thread keeps document state free of locks. Draining up to [`MAX_BATCH`] inputs per
+//! round makes one fsync cover many devices' changes under load, while a lone change still
+//! commits at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use relais_core::access::Identity;
+use relais_core::protocol::hub::{ConnId, Hub, HubConfig, HubStats, Step};
+use relais_core::store::Store;
+use relais_core::DocumentId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// Inputs taken per round before committing.
+pub const MAX_BATCH: usize = 512;
+
+/// Close codes used on the WebSocket (RFC 6455).
+pub mod close_code {
+    /// Going away (shutdown).
+    pub const AWAY: u16 = 1001;
+    /// Protocol error (malformed or out-of-order message).
+    pub const PROTOCOL: u16 = 1002;
+    /// Policy violation (revoked, text frame, overflow).
+    pub const POLICY: u16 = 1008;
+    /// Message too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error (storage).
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// What the engine sends to a connection.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A binary frame.
+    Frame(Vec<u8>),
+    /// Close the socket with this code and reason.
+    Close(u16, String),
+}
+
+/// What the engine receives.
+pub enum Input {
+    /// A device connected and authenticated.
+    Connect {
+        /// Connection id.
+        conn: ConnId,
+        /// Who it is.
+        identity: Identity,
+        /// Where its frames go.
+        outbox: mpsc::Sender<Outgoing>,
+    },
+    /// A binary frame arrived.
+    Frame {
+        /// Connection id.
+        conn: ConnId,
+        /// The frame.
+        bytes: Vec<u8>,
+        /// When it arrived.
+        at: Instant,
+    },
+    /// The socket closed.
+    Disconnect {
+        /// Connection id.
+        conn: ConnId,
+    },
+    /// A document was written by the admin API: show it to peers.
+    Reload {
+        /// The document.
+        id: DocumentId,
+    },
+    /// Close every connection of a device (revocation).
+    CloseDevice {
+        /// Token name.
+        device: String,
+        /// Reason.
+        reason: String,
+    },
+    /// Report counters.
+    Stats {
+        /// Reply channel.
+        reply: oneshot::Sender<HubStats>,
+    },
+}
+
+/// Handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Input>,
+}
+
+impl Engine {
+    /// Starts the engine thread over a store.
+    pub fn start(
+        store: Arc<Store>,
+        cfg: HubConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Engine, std::thread::JoinHandle<()>) {
+        // Bounded: when the engine falls behind, connection readers wait, which pushes back
+        // on the sockets instead of growing memory.
+        let (tx, rx) = mpsc::channel(8_192);
+        let handle = std::thread::Builder::new()
+            .name("relais-engine".into())
+            .spawn(move || run(store, cfg, metrics, rx))
+            .expect("spawn engine thread");
+        (Engine { tx }, handle)
+    }
+
+    /// Sends an input; false if the engine has stopped.
+    pub async fn send(&self, input: Input) -> bool {
+        self.tx.send(input).await.is_ok()
+    }
+
+    /// Counters from the hub.
+    pub async fn stats(&self) -> Option<HubStats> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Input::Stats { reply }).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+}
+
+fn merge(into: &mut Step, s: Step) {
+    into.writes.extend(s.writes);
+    into.sends.extend(s.sends);
+    into.closes.extend(s.closes);
+    into.merges += s.merges;
+}
+
+fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Input>) {
+    let mut hub = Hub::new(cfg, store.clone());
+    let mut outboxes: HashMap<ConnId, (mpsc::Sender<Outgoing>, String)> = HashMap::new();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(i) => batch.push(i),
+                Err(_) => break,
+            }
+        }
+        let mut step = Step::default();
+        let mut arrivals = Vec::new();
+        for input in batch.drain(..) {
+            match input {
+                Input::Connect {
+                    conn,
+                    identity,
+                    outbox,
+                } => {
+                    outboxes.insert(conn, (outbox, identity.device.clone()));
+                    hub.connect(conn, identity);
+                }
+                Input::Frame { conn, bytes, at } => {
+                    merge(&mut step, hub.receive(conn, &bytes));
+                    arrivals.push(at);
+                }
+                Input::Disconnect { conn } => {
+                    hub.disconnect(conn);
+                    outboxes.remove(&conn);
+                }
+                Input::Reload { id } => merge(&mut step, hub.reload(id)),
+                Input::CloseDevice { device, reason } => {
+                    for conn in hub.connections_of(&device) {
+                        step.closes.push((conn, reason.clone()));
+                        hub.disconnect(conn);
+                    }
+                }
+                Input::Stats { reply } => {
+                    let _ = reply.send(hub.stats());
+                }
+            }
+        }
+        if !step.writes.is_empty() {
+            if let Err(e) = store.write(&step.writes) {
+                // Nothing of this round was acknowledged: forget it, drop everyone, and let
+                // clients resync from what is durable.
+                tracing::error!(error = %e, "commit failed; closing all connections");
+                hub.reset();
+                for (conn, (tx, _)) in outboxes.drain() {
+                    let _ = tx.try_send(Outgoing::Close(
+                        close_code::INTERNAL,
+                        "server storage error; retry later".into(),
+                    ));
+                    hub.disconnect(conn);
+                }
+                continue;
+            }
+            metrics.changes_merged.inc_by(step.merges);
+        }
+        let mut overflowed = Vec::new();
+        for (conn, frame) in step.sends {
+            if let Some((tx, _)) = outboxes.get(&conn) {
+                let len = frame.len() as u64;
+                if tx.try_send(Outgoing::Frame(frame)).is_err() {
+                    overflowed.push(conn);
+                } else {
+                    metrics.bytes_out.inc_by(len);
+                }
+            }
+        }
+        for (conn, reason) in step.closes {
+            if let Some((tx, device)) = outboxes.remove(&conn) {
+                tracing::warn!(device = %device, conn, reason = %reason, "closing connection");
+                metrics.connections_dropped.inc();
+                let code = if reason.contains("revoked") {
+                    close_code::POLICY
+                } else {
+                    close_code::PROTOCOL
+                };
+                let _ = tx.try_send(Outgoing::Close(code, reason));
+            }
+        }
+        overflowed.sort_unstable();
+        overflowed.dedup();
+        for conn in overflowed {
+            // A reader that does not drain must not hold memory or slow the others:
+            // dropping the sender ends its writer task, which closes the socket.
+            if let Some((_, device)) = outboxes.remove(&conn) {
+                tracing::warn!(device = %device, conn, "send queue full; dropping slow connection");
+                metrics.connections_dropped.inc();
+                hub.disconnect(conn);
+            }
+        }
+        hub.evict();
+        let now = Instant::now();
+        for at in arrivals {
+            metrics
+                .sync_latency
+                .observe(now.duration_since(at).as_secs_f64());
+        }
+        metrics.loaded_documents.set(hub.stats().loaded_docs as i64);
+    }
+    tracing::debug!("engine stopped");
+}

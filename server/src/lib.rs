@@ -1,0 +1,213 @@
+//! # relais-server
+//!
+//! The `relais` sync server: a WebSocket endpoint speaking automerge-repo's protocol
+//! (version "1", plus Relais's fast-reconnect extension), an HTTP admin API, health and
+//! metrics. The protocol logic is relais-core's sans-IO [`Hub`](relais_core::protocol::hub::Hub);
+//! this crate is the adapter: sockets, the engine thread that commits before it relays,
+//! tokens, configuration and shutdown.
+//!
+//! Tests start a server on port 0 with [`serve`] or run the real binary.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod tokens;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use relais_core::access::Identity;
+use relais_core::ledger::{Ledger, Writer};
+use relais_core::protocol::hub::HubConfig;
+use relais_core::store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::ServerConfig;
+use engine::Engine;
+use metrics::Metrics;
+
+/// Failed logins allowed per source address per window before it is refused outright.
+pub const MAX_FAILED_LOGINS: u32 = 10;
+/// The window for [`MAX_FAILED_LOGINS`].
+pub const FAILED_LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Shared state of a running server.
+pub struct App {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Domain writes from the admin API.
+    pub ledger: Ledger,
+    /// The engine thread.
+    pub engine: Engine,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub cfg: ServerConfig,
+    /// Flips to true on shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// Connection ids.
+    pub next_conn: AtomicU64,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl App {
+    /// Checks a presented token, slowing down addresses that keep guessing.
+    #[allow(clippy::result_large_err)]
+    pub fn authenticate(
+        &self,
+        addr: SocketAddr,
+        token: Option<String>,
+    ) -> Result<Identity, Response> {
+        let ip = addr.ip();
+        {
+            let mut f = self.failures.lock().expect("not poisoned");
+            if let Some((since, n)) = f.get(&ip).copied() {
+                if since.elapsed() > FAILED_LOGIN_WINDOW {
+                    f.remove(&ip);
+                } else if n >= MAX_FAILED_LOGINS {
+                    return Err(ws::refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many failed logins from this address; wait a minute",
+                    ));
+                }
+            }
+        }
+        let fail = |msg: &str| {
+            let mut f = self.failures.lock().expect("not poisoned");
+            let e = f.entry(ip).or_insert((Instant::now(), 0));
+            e.1 += 1;
+            tracing::warn!(peer = %addr, "refused login: {msg}");
+            ws::refuse(StatusCode::UNAUTHORIZED, msg)
+        };
+        let Some(token) = token else {
+            return Err(fail(
+                "missing token: send Authorization: Bearer TOKEN or ?token=TOKEN",
+            ));
+        };
+        match tokens::authenticate(&self.store, &token) {
+            Ok(Some(rec)) => Ok(rec.identity()),
+            Ok(None) => Err(fail("unknown or revoked token")),
+            Err(e) => {
+                tracing::error!(error = %e, "token lookup failed");
+                Err(ws::refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage error",
+                ))
+            }
+        }
+    }
+}
+
+/// The HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/sync", get(ws::upgrade))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/api/v1/sites", post(api::add_site))
+        .route("/api/v1/campaigns", post(api::add_campaign))
+        .route(
+            "/api/v1/tokens",
+            post(api::create_token).get(api::list_tokens),
+        )
+        .route("/api/v1/tokens/{name}", delete(api::revoke_token))
+        .with_state(app)
+}
+
+/// Opens the store under the configured data directory.
+pub fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<Store>> {
+    let path = cfg.store_path();
+    let store = Store::open(&path).with_context(|| format!("opening store {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Serves until `shutdown` completes, then stops accepting, closes sockets with a close frame,
+/// lets the engine commit what it holds, and returns.
+pub async fn serve(
+    cfg: ServerConfig,
+    store: Arc<Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let storage_id = match store.get_meta("storage-id")? {
+        Some(b) => String::from_utf8_lossy(&b).to_string(),
+        None => {
+            let id = relais_core::DocumentId::random().to_string();
+            store.put_meta("storage-id", id.as_bytes())?;
+            id
+        }
+    };
+    let hub_cfg = HubConfig {
+        peer_id: format!("relais-server-{storage_id}"),
+        storage_id: Some(storage_id),
+        max_loaded_docs: cfg.max_loaded_docs,
+        ..HubConfig::default()
+    };
+    let (engine, engine_thread) = Engine::start(store.clone(), hub_cfg, metrics.clone());
+    let ledger = Ledger::new(
+        store.clone(),
+        Writer {
+            enumerator: "admin-api".into(),
+            device: "server".into(),
+        },
+    )?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = Arc::new(App {
+        store,
+        ledger,
+        engine,
+        metrics,
+        cfg,
+        shutdown: stop_rx.clone(),
+        next_conn: AtomicU64::new(1),
+        failures: Mutex::new(HashMap::new()),
+    });
+    let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let mut stop_wait = stop_rx.clone();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
+        let _ = stop_wait.wait_for(|s| *s).await;
+    });
+    let trigger = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing connections");
+        let _ = stop_tx.send(true);
+        stop_tx
+    });
+    server.await.context("server failed")?;
+    let _stop_tx = trigger.await.ok();
+    // Upgraded sockets are not tracked by the HTTP server: wait for them to close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&app) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(app);
+    // The engine stops once every sender is gone, after committing its last round.
+    let join = tokio::task::spawn_blocking(move || {
+        let _ = engine_thread.join();
+    });
+    if tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "engine did not stop in time; every acknowledged change is already committed"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

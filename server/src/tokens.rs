@@ -1,0 +1,220 @@
+//! Device tokens: created by an admin, shown once, kept only as a SHA-256 hash.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use relais_core::access::{Identity, Role, Scope};
+use relais_core::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const TOKEN_HASHES: TableDefinition<&str, &str> = TableDefinition::new("token_hashes");
+
+/// What is stored about a token. The token itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Device or office name, unique.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// Role.
+    pub role: Role,
+    /// Scope.
+    pub scope: Scope,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds, when revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl TokenRecord {
+    /// The identity a connection with this token gets.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            device: self.name.clone(),
+            role: self.role,
+            scope: self.scope.clone(),
+        }
+    }
+}
+
+/// Token errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// A token of that name exists.
+    #[error("a token named {0:?} already exists (revoke it first or choose another name)")]
+    Exists(String),
+    /// No token of that name.
+    #[error("no token named {0:?}")]
+    Unknown(String),
+    /// Names are 1 to 64 letters, digits, '-', '_' or '.'.
+    #[error("invalid token name {0:?}: use 1 to 64 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<redb::Error> for TokenError {
+    fn from(e: redb::Error) -> Self {
+        TokenError::Store(StoreError::Redb(e))
+    }
+}
+
+macro_rules! via_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for TokenError {
+            fn from(e: $t) -> Self {
+                TokenError::Store(StoreError::Redb(e.into()))
+            }
+        }
+    )*};
+}
+via_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Hex SHA-256 of a token.
+pub fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn now_ms() -> i64 {
+    relais_core::ledger::now_ms()
+}
+
+/// Creates a token and returns it with its record. The token is shown once.
+pub fn create(
+    store: &Store,
+    name: &str,
+    role: Role,
+    scope: Scope,
+) -> Result<(String, TokenRecord), TokenError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(TokenError::BadName(name.chars().take(64).collect()));
+    }
+    let secret: [u8; 32] = rand::random();
+    let token = format!("rls_{}", hex::encode(secret));
+    let record = TokenRecord {
+        name: name.to_string(),
+        hash: hash(&token),
+        role,
+        scope,
+        created_at: now_ms(),
+        revoked_at: None,
+    };
+    let txn = store.database().begin_write()?;
+    {
+        let mut tokens = txn.open_table(TOKENS)?;
+        if tokens.get(name)?.is_some() {
+            return Err(TokenError::Exists(name.to_string()));
+        }
+        let bytes = serde_json::to_vec(&record).expect("record serialises");
+        tokens.insert(name, bytes.as_slice())?;
+        txn.open_table(TOKEN_HASHES)?
+            .insert(record.hash.as_str(), name)?;
+    }
+    txn.commit()?;
+    Ok((token, record))
+}
+
+/// Every token record, by name.
+pub fn list(store: &Store) -> Result<Vec<TokenRecord>, TokenError> {
+    let txn = store.database().begin_read()?;
+    let tokens = match txn.open_table(TOKENS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in tokens.iter()? {
+        let (_, v) = row?;
+        if let Ok(r) = serde_json::from_slice::<TokenRecord>(v.value()) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Revokes a token by name. Returns the record as revoked.
+pub fn revoke(store: &Store, name: &str) -> Result<TokenRecord, TokenError> {
+    let txn = store.database().begin_write()?;
+    let record;
+    {
+        let mut tokens = txn.open_table(TOKENS)?;
+        let Some(v) = tokens.get(name)?.map(|g| g.value().to_vec()) else {
+            return Err(TokenError::Unknown(name.to_string()));
+        };
+        let mut r: TokenRecord =
+            serde_json::from_slice(&v).map_err(|_| TokenError::Unknown(name.to_string()))?;
+        if r.revoked_at.is_none() {
+            r.revoked_at = Some(now_ms());
+        }
+        let bytes = serde_json::to_vec(&r).expect("record serialises");
+        tokens.insert(name, bytes.as_slice())?;
+        txn.open_table(TOKEN_HASHES)?.remove(r.hash.as_str())?;
+        record = r;
+    }
+    txn.commit()?;
+    Ok(record)
+}
+
+/// The live (not revoked) record for a presented token.
+pub fn authenticate(store: &Store, token: &str) -> Result<Option<TokenRecord>, TokenError> {
+    let h = hash(token);
+    let txn = store.database().begin_read()?;
+    let hashes = match txn.open_table(TOKEN_HASHES) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(name) = hashes.get(h.as_str())?.map(|g| g.value().to_string()) else {
+        return Ok(None);
+    };
+    let tokens = txn.open_table(TOKENS)?;
+    let Some(v) = tokens.get(name.as_str())? else {
+        return Ok(None);
+    };
+    let r: TokenRecord = match serde_json::from_slice(v.value()) {
+        Ok(r) => r,
+        Err(_) => return Ok(None),
+    };
+    Ok((r.revoked_at.is_none() && r.hash == h).then_some(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_authenticate_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s.redb")).unwrap();
+        let (tok, rec) = create(&store, "tab-1", Role::Enumerator, Scope::all()).unwrap();
+        assert_eq!(rec.hash, hash(&tok));
+        assert_eq!(authenticate(&store, &tok).unwrap().unwrap().name, "tab-1");
+        assert!(authenticate(&store, "rls_wrong").unwrap().is_none());
+        assert!(matches!(
+            create(&store, "tab-1", Role::Viewer, Scope::all()),
+            Err(TokenError::Exists(_))
+        ));
+        assert!(matches!(
+            create(&store, "bad name", Role::Viewer, Scope::all()),
+            Err(TokenError::BadName(_))
+        ));
+        revoke(&store, "tab-1").unwrap();
+        assert!(authenticate(&store, &tok).unwrap().is_none());
+        assert!(list(&store).unwrap()[0].revoked_at.is_some());
+        assert!(matches!(
+            revoke(&store, "nope"),
+            Err(TokenError::Unknown(_))
+        ));
+    }
+}

@@ -1,0 +1,171 @@
+//! One WebSocket connection: authentication at the upgrade, then frames in and out.
+//!
+//! The reader forwards binary frames to the engine; a writer task drains the connection's
+//! bounded outbox. Protocol logic lives in the engine's hub, not here.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use relais_core::access::Identity;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::engine::{close_code, Input, Outgoing};
+use crate::App;
+
+/// `?token=` for browsers that cannot set headers.
+#[derive(Debug, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The bearer token of a request: the `Authorization` header, else `?token=`.
+pub fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    let from_header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    from_header.or_else(|| query.map(str::to_string))
+}
+
+/// `GET /sync`.
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // Authenticate before anything else: no token, no protocol.
+    let identity = match app.authenticate(addr, presented_token(&headers, q.token.as_deref())) {
+        Ok(identity) => identity,
+        Err(resp) => return resp,
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let limit = app.cfg.max_frame_bytes;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("conn", device = %identity.device, peer = %addr);
+            connection(app, socket, identity).instrument(span)
+        })
+}
+
+fn close(code: u16, reason: &str) -> WsMessage {
+    // A close reason must fit in 123 bytes.
+    let mut r = reason.to_string();
+    while r.len() > 120 {
+        r.pop();
+    }
+    WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: r.into(),
+    }))
+}
+
+async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
+    let conn = app.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(app.cfg.send_queue);
+    let device = identity.device.clone();
+    if !app
+        .engine
+        .send(Input::Connect {
+            conn,
+            identity,
+            outbox: out_tx.clone(),
+        })
+        .await
+    {
+        return;
+    }
+    app.metrics.connections.inc();
+    tracing::info!(conn, "connected");
+    let (mut sink, mut stream) = socket.split();
+    let metrics = app.metrics.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(out) = out_rx.recv().await {
+            match out {
+                Outgoing::Frame(bytes) => {
+                    if sink.send(WsMessage::Binary(bytes.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Outgoing::Close(code, reason) => {
+                    let _ = sink.send(close(code, &reason)).await;
+                    break;
+                }
+            }
+        }
+        let _ = sink.close().await;
+        drop(metrics);
+    });
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                let _ = out_tx.try_send(Outgoing::Close(close_code::AWAY, "server shutting down".into()));
+                break;
+            }
+            msg = stream.next() => {
+                match msg {
+                    Some(Ok(WsMessage::Binary(bytes))) => {
+                        app.metrics.bytes_in.inc_by(bytes.len() as u64);
+                        let input = Input::Frame { conn, bytes: bytes.to_vec(), at: Instant::now() };
+                        if !app.engine.send(input).await {
+                            break;
+                        }
+                    }
+                    Some(Ok(WsMessage::Text(_))) => {
+                        tracing::warn!(conn, "text frame; closing");
+                        app.metrics.connections_dropped.inc();
+                        let _ = out_tx.try_send(Outgoing::Close(close_code::PROTOCOL, "text frames are not part of the protocol; send binary CBOR".into()));
+                        break;
+                    }
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(WsMessage::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        let text = e.to_string();
+                        if text.contains("without closing handshake") {
+                            // The peer went away (tablet out of range): not an error.
+                            tracing::debug!(conn, "connection reset by peer");
+                            break;
+                        }
+                        let code = if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                            close_code::TOO_BIG
+                        } else {
+                            close_code::PROTOCOL
+                        };
+                        tracing::warn!(conn, error = %text, "read failed; closing");
+                        app.metrics.connections_dropped.inc();
+                        let _ = out_tx.try_send(Outgoing::Close(code, format!("closing: {text}")));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    app.engine.send(Input::Disconnect { conn }).await;
+    drop(out_tx);
+    // Let the writer flush a close frame, but never hang on a dead peer.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    app.metrics.connections.dec();
+    tracing::info!(conn, device = %device, "disconnected");
+}
+
+/// A plain-text error response.
+pub fn refuse(status: StatusCode, msg: &str) -> Response {
+    (status, msg.to_string()).into_response()
+}
