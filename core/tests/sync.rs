@@ -40,7 +40,8 @@ impl Link {
         let mut client = Hub::new(HubConfig::default(), client_store);
         let mut server = Hub::new(HubConfig::default(), server_store);
         server.connect(S, who);
-        let step = client.connect_outbound(C, Identity::admin("server"), cursors.0, cursors.1);
+        let step =
+            client.connect_outbound(C, Identity::admin("server"), cursors.0, cursors.1, None);
         let mut link = Link {
             client,
             server,

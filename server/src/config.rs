@@ -13,8 +13,12 @@ pub const DEFAULT_DATA: &str = "./relais-data";
 /// Largest frame accepted. A household document is a few KB; a whole-site bootstrap sync
 /// message stays well below this.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
-/// Frames queued for one connection before it counts as stalled and is dropped.
-pub const DEFAULT_SEND_QUEUE: usize = 1_024;
+/// Bytes queued for one connection before it counts as stalled and is dropped. Large enough
+/// for a burst of replies to a whole window of requests, small enough that a thousand
+/// stalled devices cannot exhaust memory on their own.
+pub const DEFAULT_SEND_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+/// Frames queued for one connection, whatever their size.
+pub const MAX_QUEUED_FRAMES: usize = 65_536;
 /// Documents kept in memory before idle ones are evicted.
 pub const DEFAULT_MAX_LOADED_DOCS: usize = 20_000;
 
@@ -28,8 +32,8 @@ pub struct FileConfig {
     pub data: Option<PathBuf>,
     /// `max-frame-bytes = 16777216`
     pub max_frame_bytes: Option<usize>,
-    /// `send-queue = 1024`
-    pub send_queue: Option<usize>,
+    /// `send-buffer-bytes = 33554432`
+    pub send_buffer_bytes: Option<usize>,
     /// `max-loaded-docs = 20000`
     pub max_loaded_docs: Option<usize>,
 }
@@ -53,8 +57,8 @@ pub struct ServerConfig {
     pub data: PathBuf,
     /// Largest WebSocket message accepted.
     pub max_frame_bytes: usize,
-    /// Per-connection outbound queue, in frames.
-    pub send_queue: usize,
+    /// Per-connection outbound queue, in bytes.
+    pub send_buffer_bytes: usize,
     /// Documents kept in memory.
     pub max_loaded_docs: usize,
 }
@@ -65,7 +69,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             data: PathBuf::from(DEFAULT_DATA),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            send_queue: DEFAULT_SEND_QUEUE,
+            send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
             max_loaded_docs: DEFAULT_MAX_LOADED_DOCS,
         }
     }

@@ -6,6 +6,7 @@
 //! commits at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,6 +54,8 @@ pub enum Input {
         identity: Identity,
         /// Where its frames go.
         outbox: mpsc::Sender<Outgoing>,
+        /// Bytes in `outbox` not yet written to the socket (the writer subtracts).
+        queued: Arc<AtomicUsize>,
     },
     /// A binary frame arrived.
     Frame {
@@ -98,6 +101,7 @@ impl Engine {
     pub fn start(
         store: Arc<Store>,
         cfg: HubConfig,
+        send_buffer_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> (Engine, std::thread::JoinHandle<()>) {
         // Bounded: when the engine falls behind, connection readers wait, which pushes back
@@ -105,7 +109,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(8_192);
         let handle = std::thread::Builder::new()
             .name("relais-engine".into())
-            .spawn(move || run(store, cfg, metrics, rx))
+            .spawn(move || run(store, cfg, send_buffer_bytes, metrics, rx))
             .expect("spawn engine thread");
         (Engine { tx }, handle)
     }
@@ -132,9 +136,21 @@ fn merge(into: &mut Step, s: Step) {
     into.merges += s.merges;
 }
 
-fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Input>) {
+struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    device: String,
+    queued: Arc<AtomicUsize>,
+}
+
+fn run(
+    store: Arc<Store>,
+    cfg: HubConfig,
+    send_buffer_bytes: usize,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Input>,
+) {
     let mut hub = Hub::new(cfg, store.clone());
-    let mut outboxes: HashMap<ConnId, (mpsc::Sender<Outgoing>, String)> = HashMap::new();
+    let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -152,8 +168,16 @@ fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::R
                     conn,
                     identity,
                     outbox,
+                    queued,
                 } => {
-                    outboxes.insert(conn, (outbox, identity.device.clone()));
+                    outboxes.insert(
+                        conn,
+                        Outbox {
+                            tx: outbox,
+                            device: identity.device.clone(),
+                            queued,
+                        },
+                    );
                     hub.connect(conn, identity);
                 }
                 Input::Frame { conn, bytes, at } => {
@@ -182,8 +206,8 @@ fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::R
                 // clients resync from what is durable.
                 tracing::error!(error = %e, "commit failed; closing all connections");
                 hub.reset();
-                for (conn, (tx, _)) in outboxes.drain() {
-                    let _ = tx.try_send(Outgoing::Close(
+                for (conn, o) in outboxes.drain() {
+                    let _ = o.tx.try_send(Outgoing::Close(
                         close_code::INTERNAL,
                         "server storage error; retry later".into(),
                     ));
@@ -195,17 +219,23 @@ fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::R
         }
         let mut overflowed = Vec::new();
         for (conn, frame) in step.sends {
-            if let Some((tx, _)) = outboxes.get(&conn) {
-                let len = frame.len() as u64;
-                if tx.try_send(Outgoing::Frame(frame)).is_err() {
+            if let Some(o) = outboxes.get(&conn) {
+                let len = frame.len();
+                let queued = o.queued.load(Ordering::Relaxed);
+                if queued + len > send_buffer_bytes && queued > 0 {
+                    overflowed.push(conn);
+                    continue;
+                }
+                o.queued.fetch_add(len, Ordering::Relaxed);
+                if o.tx.try_send(Outgoing::Frame(frame)).is_err() {
                     overflowed.push(conn);
                 } else {
-                    metrics.bytes_out.inc_by(len);
+                    metrics.bytes_out.inc_by(len as u64);
                 }
             }
         }
         for (conn, reason) in step.closes {
-            if let Some((tx, device)) = outboxes.remove(&conn) {
+            if let Some(Outbox { tx, device, .. }) = outboxes.remove(&conn) {
                 tracing::warn!(device = %device, conn, reason = %reason, "closing connection");
                 metrics.connections_dropped.inc();
                 let code = if reason.contains("revoked") {
@@ -221,7 +251,7 @@ fn run(store: Arc<Store>, cfg: HubConfig, metrics: Arc<Metrics>, mut rx: mpsc::R
         for conn in overflowed {
             // A reader that does not drain must not hold memory or slow the others:
             // dropping the sender ends its writer task, which closes the socket.
-            if let Some((_, device)) = outboxes.remove(&conn) {
+            if let Some(Outbox { device, .. }) = outboxes.remove(&conn) {
                 tracing::warn!(device = %device, conn, "send queue full; dropping slow connection");
                 metrics.connections_dropped.inc();
                 hub.disconnect(conn);

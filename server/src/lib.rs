@@ -158,7 +158,12 @@ pub async fn serve(
         max_loaded_docs: cfg.max_loaded_docs,
         ..HubConfig::default()
     };
-    let (engine, engine_thread) = Engine::start(store.clone(), hub_cfg, metrics.clone());
+    let (engine, engine_thread) = Engine::start(
+        store.clone(),
+        hub_cfg,
+        cfg.send_buffer_bytes,
+        metrics.clone(),
+    );
     let ledger = Ledger::new(
         store.clone(),
         Writer {

@@ -56,15 +56,15 @@ struct ServeArgs {
     /// Data directory; the store is DIR/relais.redb [default: ./relais-data].
     #[arg(long, env = "RELAIS_DATA")]
     data: Option<PathBuf>,
-    /// TOML file with any of: listen, data, max-frame-bytes, send-queue, max-loaded-docs.
+    /// TOML file with any of: listen, data, max-frame-bytes, send-buffer-bytes, max-loaded-docs.
     #[arg(long, env = "RELAIS_CONFIG")]
     config: Option<PathBuf>,
     /// Largest WebSocket message accepted, in bytes [default: 16 MiB].
     #[arg(long, env = "RELAIS_MAX_FRAME_BYTES")]
     max_frame_bytes: Option<usize>,
-    /// Frames queued per connection before a stalled reader is dropped [default: 1024].
-    #[arg(long, env = "RELAIS_SEND_QUEUE")]
-    send_queue: Option<usize>,
+    /// Bytes queued per connection before a stalled reader is dropped [default: 32 MiB].
+    #[arg(long, env = "RELAIS_SEND_BUFFER_BYTES")]
+    send_buffer_bytes: Option<usize>,
     /// Documents kept in memory before idle ones are evicted [default: 20000].
     #[arg(long, env = "RELAIS_MAX_LOADED_DOCS")]
     max_loaded_docs: Option<usize>,
@@ -198,10 +198,10 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             .max_frame_bytes
             .or(file.max_frame_bytes)
             .unwrap_or(d.max_frame_bytes),
-        send_queue: args
-            .send_queue
-            .or(file.send_queue)
-            .unwrap_or(d.send_queue)
+        send_buffer_bytes: args
+            .send_buffer_bytes
+            .or(file.send_buffer_bytes)
+            .unwrap_or(d.send_buffer_bytes)
             .max(1),
         max_loaded_docs: args
             .max_loaded_docs

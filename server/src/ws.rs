@@ -4,7 +4,7 @@
 //! bounded outbox. Protocol logic lives in the engine's hub, not here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,7 +78,8 @@ fn close(code: u16, reason: &str) -> WsMessage {
 
 async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     let conn = app.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(app.cfg.send_queue);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(crate::config::MAX_QUEUED_FRAMES);
+    let queued = Arc::new(AtomicUsize::new(0));
     let device = identity.device.clone();
     if !app
         .engine
@@ -86,6 +87,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
             conn,
             identity,
             outbox: out_tx.clone(),
+            queued: queued.clone(),
         })
         .await
     {
@@ -99,7 +101,10 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
         while let Some(out) = out_rx.recv().await {
             match out {
                 Outgoing::Frame(bytes) => {
-                    if sink.send(WsMessage::Binary(bytes.into())).await.is_err() {
+                    let len = bytes.len();
+                    let sent = sink.send(WsMessage::Binary(bytes.into())).await;
+                    queued.fetch_sub(len, Ordering::Relaxed);
+                    if sent.is_err() {
                         break;
                     }
                 }

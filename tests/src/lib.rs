@@ -1,1 +1,253 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: start the real `relais` binary on a free loopback
+//! port, run its admin commands, and talk raw HTTP and WebSocket to it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use relais_client::{Replica, Writer};
+
+/// Path to the `relais` binary next to the test executables, built on demand.
+pub fn relais_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let bin = dir.join(format!("relais{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "relais-server", "--bin", "relais"])
+            .status()
+            .expect("cargo build relais");
+        assert!(status.success(), "building relais failed");
+    }
+    bin
+}
+
+/// Runs `relais ARGS` to completion.
+pub fn relais(args: &[&str]) -> Output {
+    Command::new(relais_bin())
+        .args(args)
+        .env("RELAIS_LOG", "warn")
+        .output()
+        .expect("run relais")
+}
+
+/// Runs `relais ARGS`, panicking with its stderr on failure; returns stdout.
+pub fn relais_ok(args: &[&str]) -> String {
+    let out = relais(args);
+    assert!(
+        out.status.success(),
+        "relais {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Creates a token with the CLI (server stopped) and returns it.
+pub fn create_token(data: &Path, name: &str, extra: &[&str]) -> String {
+    let d = data.to_str().unwrap();
+    let mut args = vec!["token", "create", "--data", d, "--name", name];
+    args.extend_from_slice(extra);
+    let out = relais_ok(&args);
+    out.lines().last().expect("token line").trim().to_string()
+}
+
+/// Adds sites SOC-01, SOC-02 (Mopti), GAO-01 (Gao) and campaign JP-2023 with the CLI.
+pub fn seed_reference(data: &Path) {
+    let d = data.to_str().unwrap();
+    for (code, name, region) in [
+        ("SOC-01", "Socoura", "Mopti"),
+        ("SOC-02", "Sevare", "Mopti"),
+        ("GAO-01", "Gao Chateau", "Gao"),
+    ] {
+        relais_ok(&[
+            "site",
+            "add",
+            "--data",
+            d,
+            "--code",
+            code,
+            "--name",
+            name,
+            "--adm1",
+            region,
+            "--adm2",
+            region,
+            "--type",
+            "official-site",
+        ]);
+    }
+    relais_ok(&[
+        "campaign",
+        "add",
+        "--data",
+        d,
+        "--code",
+        "JP-2023",
+        "--name",
+        "Responding to the needs of IDPs in northern and central Mali",
+        "--item",
+        "nfi-kit:1",
+        "--item",
+        "shelter-kit:1",
+        "--sites",
+        "SOC-01,SOC-02,GAO-01",
+    ]);
+}
+
+/// A running `relais serve` process.
+pub struct Server {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl Server {
+    /// Starts `relais serve --data DATA --listen 127.0.0.1:0 EXTRA` and waits until it listens.
+    pub fn start(data: &Path, extra: &[&str]) -> Server {
+        let log = std::fs::File::create(data.with_extension("log")).expect("log file");
+        let mut child = Command::new(relais_bin())
+            .args([
+                "serve",
+                "--data",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RELAIS_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn relais serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines
+            .next()
+            .expect("relais serve printed nothing")
+            .expect("read stdout");
+        let addr = first
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"));
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        }
+    }
+
+    /// The sync URL.
+    pub fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+
+    /// SIGTERM, then wait for exit.
+    pub fn stop(mut self) -> ExitStatus {
+        signal(&self.child, "TERM");
+        wait_timeout(&mut self.child, Duration::from_secs(20)).expect("server did not stop")
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status();
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + t;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    // Chunked bodies: good enough for JSON assertions with `contains`.
+    (status, body)
+}
+
+/// A replica in `dir` writing as `device`.
+pub fn replica(dir: &Path, device: &str) -> Replica {
+    Replica::open(
+        dir.join(device),
+        Writer {
+            enumerator: format!("enum-{device}"),
+            device: device.into(),
+        },
+    )
+    .expect("open replica")
+}
+
+/// A household to register.
+pub fn household(site: &str, name: &str) -> relais_core::household::NewHousehold {
+    relais_core::household::NewHousehold {
+        site: site.into(),
+        head_name: name.into(),
+        members: relais_core::household::parse_members("F:34,M:12,F:7").unwrap(),
+        ..Default::default()
+    }
+}

@@ -148,6 +148,8 @@ pub enum Event {
         remote_cursor: u64,
         /// Local feed sequence up to which the remote has everything.
         local_cursor: u64,
+        /// The remote's peer id, to pass back to [`Hub::connect_outbound`].
+        peer: String,
     },
 }
 
@@ -182,8 +184,12 @@ struct Outbound {
     pushed_since_listing: bool,
     /// Documents still being synced.
     awaiting: HashSet<DocumentId>,
+    /// Documents waiting for a place in the window.
+    queued: VecDeque<DocumentId>,
     /// `Synced` was reported and nothing happened since.
     quiet: bool,
+    /// Peer id the cursors belong to.
+    expected_peer: Option<String>,
 }
 
 struct Conn {
@@ -217,6 +223,11 @@ pub struct Hub<S: HubStore> {
     ephemeral_seen: HashSet<(String, String, u64)>,
     ephemeral_order: VecDeque<(String, String, u64)>,
 }
+
+/// Documents an outbound connection syncs at once. A replica with thousands of documents
+/// would otherwise send thousands of requests in one burst, and their replies would pile up
+/// in the server's queue for that connection faster than a 2G link drains it.
+pub const OUTBOUND_WINDOW: usize = 64;
 
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
@@ -285,14 +296,16 @@ impl<S: HubStore> Hub<S> {
     }
 
     /// Opens an outbound connection to a server whose identity (what it may receive) is
-    /// `remote`. `remote_cursor` and `local_cursor` come from the last [`Event::Synced`] for
-    /// this server (0 the first time). Returns the `join` to send.
+    /// `remote`. `remote_cursor` and `local_cursor` come from the last [`Event::Synced`] with
+    /// the server whose peer id was `remote_peer` (0 and `None` the first time); if another
+    /// server answers, both cursors start from 0. Returns the `join` to send.
     pub fn connect_outbound(
         &mut self,
         conn: ConnId,
         remote: Identity,
         remote_cursor: u64,
         local_cursor: u64,
+        remote_peer: Option<String>,
     ) -> Step {
         let mut step = Step::default();
         self.conns.insert(
@@ -307,6 +320,7 @@ impl<S: HubStore> Hub<S> {
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
+                    expected_peer: remote_peer,
                     ..Default::default()
                 }),
             },
@@ -330,7 +344,7 @@ impl<S: HubStore> Hub<S> {
         self.conns
             .get(&conn)
             .and_then(|c| c.outbound.as_ref())
-            .map(|o| o.awaiting.len())
+            .map(|o| o.awaiting.len() + o.queued.len())
             .unwrap_or(0)
     }
 
@@ -416,6 +430,13 @@ impl<S: HubStore> Hub<S> {
                 }
                 let c = self.conns.get_mut(&conn).expect("checked");
                 c.phase = Phase::Ready;
+                if let Some(o) = c.outbound.as_mut() {
+                    if o.expected_peer.as_ref().is_some_and(|p| *p != sender_id) {
+                        // Cursors of another server mean nothing here.
+                        o.remote_cursor = 0;
+                        o.local_cursor = 0;
+                    }
+                }
                 c.peer_id = sender_id;
                 c.ext = ext;
                 step.events.push(Event::Connected {
@@ -460,9 +481,6 @@ impl<S: HubStore> Hub<S> {
             } if outbound => self.changes(conn, docs, cursor, more, purge, step),
             Message::DocUnavailable { document_id, .. } => {
                 if let Ok(id) = document_id.parse::<DocumentId>() {
-                    if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
-                        o.awaiting.remove(&id);
-                    }
                     // A placeholder made for a request that found nothing.
                     if self
                         .docs
@@ -472,6 +490,7 @@ impl<S: HubStore> Hub<S> {
                         self.docs.remove(&id);
                     }
                     self.unsubscribe(conn, id);
+                    self.finish_doc(conn, id, step);
                 }
                 self.check_synced(conn, step);
             }
@@ -592,8 +611,18 @@ impl<S: HubStore> Hub<S> {
         step.send(conn, &msg);
     }
 
-    /// Starts syncing one document over an outbound connection.
+    /// Starts syncing one document over an outbound connection, or queues it while the
+    /// window is full.
     fn start_sync(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) {
+        if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+            o.quiet = false;
+            if !o.awaiting.contains(&id) && o.awaiting.len() >= OUTBOUND_WINDOW {
+                if !o.queued.contains(&id) {
+                    o.queued.push_back(id);
+                }
+                return;
+            }
+        }
         match self.ensure_loaded(id) {
             Ok(true) => {}
             Ok(false) => {
@@ -643,6 +672,7 @@ impl<S: HubStore> Hub<S> {
                 }
                 if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                     o.awaiting.remove(&id);
+                    o.queued.retain(|q| *q != id);
                 }
                 step.events.push(Event::Purge { conn, id });
             }
@@ -689,7 +719,7 @@ impl<S: HubStore> Hub<S> {
         let Some(o) = self.conns.get(&conn).and_then(|c| c.outbound.as_ref()) else {
             return;
         };
-        if o.quiet || o.listing_pending || !o.awaiting.is_empty() {
+        if o.quiet || o.listing_pending || !o.awaiting.is_empty() || !o.queued.is_empty() {
             return;
         }
         if ext && o.pushed_since_listing {
@@ -701,16 +731,15 @@ impl<S: HubStore> Hub<S> {
             Ok(s) => s,
             Err(_) => return,
         };
-        let o = self
-            .conns
-            .get_mut(&conn)
-            .and_then(|c| c.outbound.as_mut())
-            .expect("checked");
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let peer = c.peer_id.clone();
+        let o = c.outbound.as_mut().expect("checked");
         o.local_cursor = local_cursor;
         o.quiet = true;
         step.events.push(Event::Synced {
             conn,
             remote_cursor: o.remote_cursor,
+            peer,
             local_cursor,
         });
     }
@@ -951,16 +980,33 @@ impl<S: HubStore> Hub<S> {
                 h
             });
         if theirs.as_ref() == Some(&mine) {
-            if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
-                o.awaiting.remove(&id);
-            }
             if mine.is_empty() {
                 // Nothing on either side: drop the placeholder.
                 self.docs.remove(&id);
                 self.unsubscribe(conn, id);
             }
-            self.check_synced(conn, step);
+            self.finish_doc(conn, id, step);
         }
+    }
+
+    /// A document is done on an outbound connection: let queued ones in, then see whether
+    /// everything is in sync.
+    fn finish_doc(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) {
+        let mut next = Vec::new();
+        if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+            o.awaiting.remove(&id);
+            o.queued.retain(|q| *q != id);
+            while o.awaiting.len() + next.len() < OUTBOUND_WINDOW {
+                match o.queued.pop_front() {
+                    Some(n) => next.push(n),
+                    None => break,
+                }
+            }
+        }
+        for n in next {
+            self.start_sync(conn, n, step);
+        }
+        self.check_synced(conn, step);
     }
 
     fn subscribe(&mut self, conn: ConnId, id: DocumentId) {
@@ -1269,7 +1315,7 @@ impl<S: HubStore> Hub<S> {
             .conns
             .values()
             .filter_map(|c| c.outbound.as_ref())
-            .flat_map(|o| o.awaiting.iter().copied())
+            .flat_map(|o| o.awaiting.iter().chain(o.queued.iter()).copied())
             .collect();
         let mut by_age: Vec<(u64, DocumentId)> = self
             .docs

@@ -1,0 +1,340 @@
+//! One sync session over a WebSocket: the adapter around relais-core's hub.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use relais_core::access::Identity;
+use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, Step};
+use relais_core::protocol::message::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+use crate::{now_ms, server_key, ClientError, Cursors, Replica, ReplicaEvent, SyncOptions};
+
+const CONN: ConnId = 1;
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSummary {
+    /// The server (URL without its query).
+    pub server: String,
+    /// Documents this replica offered or pushed.
+    pub documents_sent: usize,
+    /// Documents that received changes from the server.
+    pub documents_received: usize,
+    /// Documents removed at the server's request.
+    pub documents_purged: usize,
+    /// Frames sent.
+    pub frames_sent: usize,
+    /// Frames received.
+    pub frames_received: usize,
+    /// Bytes sent in frames.
+    pub bytes_sent: u64,
+    /// Bytes received in frames.
+    pub bytes_received: u64,
+    /// Milliseconds from connecting to completion.
+    pub elapsed_ms: u64,
+    /// The server speaks Relais's fast-reconnect extension.
+    pub extension: bool,
+}
+
+/// Background mode: stay connected and push local writes.
+pub(crate) struct Live {
+    pub stop: watch::Receiver<bool>,
+    pub local_write: Arc<Notify>,
+}
+
+/// The local cursor after committing the step that reported `Synced`: extended over this
+/// commit's own sequence numbers only if nothing else was written in between.
+fn advance(local_cursor: u64, seqs: &[u64]) -> u64 {
+    let mut new: Vec<u64> = seqs.iter().copied().filter(|s| *s > local_cursor).collect();
+    new.sort_unstable();
+    new.dedup();
+    let mut c = local_cursor;
+    for s in new {
+        if s == c + 1 {
+            c = s;
+        } else {
+            break;
+        }
+    }
+    c
+}
+
+fn connect_error(e: tungstenite::Error) -> ClientError {
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let status = resp.status();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            if status.as_u16() == 401 || status.as_u16() == 403 || status.as_u16() == 429 {
+                ClientError::Auth(format!("{status}: {body}"))
+            } else {
+                ClientError::Protocol(format!("server answered {status}: {body}"))
+            }
+        }
+        other => ClientError::Network(other.to_string()),
+    }
+}
+
+pub(crate) async fn run(
+    replica: &Replica,
+    url: &str,
+    token: &str,
+    opts: &SyncOptions,
+    live: Option<Live>,
+) -> Result<SyncSummary, ClientError> {
+    let started = Instant::now();
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| ClientError::Network(format!("bad server URL {}: {e}", server_key(url))))?;
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {token}").parse().map_err(|_| {
+            ClientError::Auth("token has characters not allowed in a header".into())
+        })?,
+    );
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(opts.max_frame_bytes))
+        .max_frame_size(Some(opts.max_frame_bytes));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), false)
+        .await
+        .map_err(connect_error)?;
+    let (mut sink, mut stream) = ws.split();
+    let store = replica.ledger().store_arc();
+    let mut hub = Hub::new(
+        HubConfig {
+            peer_id: replica.peer_id().to_string(),
+            storage_id: Some(replica.peer_id().to_string()),
+            // A tablet syncs every document it holds; do not evict mid-sync.
+            max_loaded_docs: usize::MAX / 2,
+            ..HubConfig::default()
+        },
+        store.clone(),
+    );
+    let cursors = replica.cursors(url);
+    let mut summary = SyncSummary {
+        server: server_key(url),
+        ..Default::default()
+    };
+    let mut sent_docs: HashSet<String> = HashSet::new();
+    let mut recv_docs = HashSet::new();
+    let mut local_seen = store.last_seq()?;
+    let mut step = hub.connect_outbound(
+        CONN,
+        Identity::admin("server"),
+        cursors.remote,
+        cursors.local,
+        cursors.peer.clone(),
+    );
+    loop {
+        let done = handle(
+            replica,
+            url,
+            &mut hub,
+            step,
+            &mut summary,
+            &mut sent_docs,
+            &mut recv_docs,
+            &mut sink,
+            started,
+            opts,
+        )
+        .await?;
+        if done {
+            if live.is_none() {
+                let _ = sink.send(WsMessage::Close(None)).await;
+                return Ok(summary);
+            }
+            replica.set_connected(true);
+        }
+        let wait = if live.is_some() && hub.awaiting(CONN) == 0 {
+            // Connected and idle: wait for the server or for local writes.
+            Duration::from_secs(24 * 3600)
+        } else {
+            opts.idle_timeout
+        };
+        let (local_write, mut stop) = match &live {
+            Some(l) => (Some(l.local_write.clone()), Some(l.stop.clone())),
+            None => (None, None),
+        };
+        step = tokio::select! {
+            msg = tokio::time::timeout(wait, stream.next()) => {
+                next_step(&mut hub, msg, &mut summary)?
+            }
+            _ = wait_local(local_write.as_deref()) => {
+                tokio::time::sleep(opts.push_delay).await;
+                let mut s = Step::default();
+                for e in store.changes_since(local_seen, usize::MAX)? {
+                    local_seen = local_seen.max(e.seq);
+                    let r = hub.reload(e.id);
+                    s.writes.extend(r.writes);
+                    s.sends.extend(r.sends);
+                    s.closes.extend(r.closes);
+                    s.events.extend(r.events);
+                }
+                s
+            }
+            _ = wait_stop(stop.as_mut()) => {
+                let _ = sink.send(WsMessage::Close(None)).await;
+                return Err(ClientError::Stopped);
+            }
+        };
+    }
+}
+
+async fn wait_local(n: Option<&Notify>) {
+    match n {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_stop(stop: Option<&mut watch::Receiver<bool>>) {
+    match stop {
+        Some(s) => {
+            let _ = s.wait_for(|v| *v).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+type WsResult = Option<Result<WsMessage, tungstenite::Error>>;
+
+fn next_step(
+    hub: &mut Hub<Arc<relais_core::store::Store>>,
+    msg: Result<WsResult, tokio::time::error::Elapsed>,
+    summary: &mut SyncSummary,
+) -> Result<Step, ClientError> {
+    match msg {
+        Err(_) => Err(ClientError::Network("the server went silent".into())),
+        Ok(None) => Err(ClientError::Network("connection closed".into())),
+        Ok(Some(Err(e))) => Err(ClientError::Network(e.to_string())),
+        Ok(Some(Ok(WsMessage::Binary(b)))) => {
+            summary.frames_received += 1;
+            summary.bytes_received += b.len() as u64;
+            Ok(hub.receive(CONN, &b))
+        }
+        Ok(Some(Ok(WsMessage::Close(frame)))) => {
+            let reason = frame
+                .map(|f| f.reason.to_string())
+                .unwrap_or_else(|| "no reason given".into());
+            if reason.contains("revoked") {
+                Err(ClientError::Auth(reason))
+            } else {
+                Err(ClientError::Network(format!(
+                    "server closed the connection: {reason}"
+                )))
+            }
+        }
+        Ok(Some(Ok(_))) => Ok(Step::default()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle<S>(
+    replica: &Replica,
+    url: &str,
+    hub: &mut Hub<Arc<relais_core::store::Store>>,
+    step: Step,
+    summary: &mut SyncSummary,
+    sent_docs: &mut HashSet<String>,
+    recv_docs: &mut HashSet<relais_core::DocumentId>,
+    sink: &mut S,
+    started: Instant,
+    opts: &SyncOptions,
+) -> Result<bool, ClientError>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    let store = replica.ledger().store();
+    // Durable before anything is acknowledged to the server.
+    let seqs = store.write(&step.writes)?;
+    let mut done = false;
+    for e in step.events {
+        match e {
+            Event::Connected { extension, .. } => summary.extension = extension,
+            Event::DocChanged { id } => {
+                recv_docs.insert(id);
+                replica.emit(ReplicaEvent::DocumentChanged(id));
+            }
+            Event::Purge { id, .. } => {
+                store.remove(id)?;
+                summary.documents_purged += 1;
+                replica.emit(ReplicaEvent::DocumentPurged(id));
+            }
+            Event::Synced {
+                remote_cursor,
+                local_cursor,
+                peer,
+                ..
+            } => {
+                let local = advance(local_cursor, &seqs);
+                replica.save_cursors(
+                    url,
+                    &Cursors {
+                        peer: Some(peer),
+                        remote: remote_cursor,
+                        local,
+                        at_ms: Some(now_ms()),
+                    },
+                )?;
+                summary.documents_received = recv_docs.len();
+                summary.documents_sent = sent_docs.len();
+                summary.elapsed_ms = started.elapsed().as_millis() as u64;
+                replica.emit(ReplicaEvent::Synced(summary.clone()));
+                done = true;
+            }
+            _ => {}
+        }
+    }
+    for (_, frame) in step.sends {
+        if let Ok(Message::Sync(m) | Message::Request(m)) = Message::decode(&frame) {
+            sent_docs.insert(m.document_id);
+        }
+        summary.frames_sent += 1;
+        summary.bytes_sent += frame.len() as u64;
+        sink.send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+    }
+    if let Some((_, reason)) = step.closes.into_iter().next() {
+        let _ = sink.send(WsMessage::Close(None)).await;
+        return Err(ClientError::Protocol(reason));
+    }
+    if let Some(p) = &opts.progress {
+        p(hub.awaiting(CONN), recv_docs.len());
+    }
+    // Let a long sync breathe.
+    tokio::task::yield_now().await;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance;
+
+    #[test]
+    fn cursor_advances_only_over_its_own_contiguous_writes() {
+        assert_eq!(advance(10, &[11, 12, 13]), 13);
+        assert_eq!(
+            advance(10, &[12, 13]),
+            10,
+            "a foreign write at 11 must be pushed later"
+        );
+        assert_eq!(
+            advance(10, &[5, 11]),
+            11,
+            "skipped writes keep their old sequence"
+        );
+        assert_eq!(advance(10, &[]), 10);
+    }
+}

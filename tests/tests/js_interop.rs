@@ -1,0 +1,54 @@
+//! A stock automerge-repo 2.x JS client (pinned in tests/js/package-lock.json) syncs through
+//! the real `relais serve`: create, find from a fresh client, edits both ways, concurrent
+//! edits, `doc-unavailable` for unknown ids, and reading a Relais domain document.
+//!
+//! Needs Node.js and npm; `.ci/run` installs them. The packages are installed on first use.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use relais_tests::*;
+
+fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+fn ensure_packages() {
+    let dir = js_dir();
+    if dir.join("node_modules/@automerge/automerge-repo").exists() {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir)
+        .status()
+        .expect("npm is needed for the interop test (apt-get install nodejs npm)");
+    assert!(status.success(), "npm ci failed in {}", dir.display());
+}
+
+#[test]
+fn stock_automerge_repo_client_syncs_through_relais() {
+    ensure_packages();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    seed_reference(&data);
+    // A browser-style client authenticates with ?token=.
+    let token = create_token(&data, "js-client", &["--role", "admin"]);
+    let site = relais_core::DocumentId::derived("site", "SOC-01").url();
+    let server = Server::start(&data, &[]);
+    let out = Command::new("node")
+        .arg("interop.mjs")
+        .current_dir(js_dir())
+        .env("RELAIS_URL", format!("{}?token={token}", server.url()))
+        .env("SITE_URL", &site)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("js interop ok"),
+        "node failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+        server.log()
+    );
+    assert!(server.stop().success());
+}

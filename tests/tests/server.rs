@@ -1,0 +1,384 @@
+//! The real `relais` binary, real WebSockets on loopback: convergence, restarts, auth, and
+//! hostile input that must never take the server down.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use relais_core::protocol::message::{DocMessage, Message, PeerMetadata};
+use relais_tests::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message as Ws};
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    seed_reference(&data);
+    let token = create_token(&data, "admin", &["--role", "admin"]);
+    (dir, data, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_converge_and_a_double_handout_shows_on_both() {
+    let (dir, data, token) = setup();
+    let server = Server::start(&data, &[]);
+    let a = replica(dir.path(), "tab-a");
+    let b = replica(dir.path(), "tab-b");
+    a.sync(&server.url(), &token).await.unwrap();
+    b.sync(&server.url(), &token).await.unwrap();
+    let h = a
+        .ledger()
+        .register(household("SOC-01", "Aminata Traoré"))
+        .unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    b.sync(&server.url(), &token).await.unwrap();
+    // Both offline: different fields of the same household, and the same kit.
+    a.ledger()
+        .update(
+            h,
+            &relais_core::household::HouseholdUpdate {
+                origin: Some("Ségou".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    b.ledger()
+        .update(
+            h,
+            &relais_core::household::HouseholdUpdate {
+                contact: Some("+223".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    a.ledger()
+        .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-10")
+        .unwrap();
+    b.ledger()
+        .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-11")
+        .unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    b.sync(&server.url(), &token).await.unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    for r in [&a, &b] {
+        let v = r.ledger().household(h).unwrap();
+        assert_eq!(v.household.origin.as_deref(), Some("Ségou"));
+        assert_eq!(v.household.contact.as_deref(), Some("+223"));
+        let doubles = r.ledger().double_distributions().unwrap();
+        assert_eq!(doubles.len(), 1);
+        assert_eq!(doubles[0].slot.handouts.len(), 2);
+    }
+    assert_eq!(
+        a.ledger().store().load(h).unwrap().unwrap().meta.heads,
+        b.ledger().store().load(h).unwrap().unwrap().meta.heads
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_lose_nothing_that_was_acknowledged() {
+    let (dir, data, token) = setup();
+    let a = replica(dir.path(), "tab-a");
+    let b = replica(dir.path(), "tab-b");
+    let server = Server::start(&data, &[]);
+    a.sync(&server.url(), &token).await.unwrap();
+    let h1 = a
+        .ledger()
+        .register(household("SOC-01", "Before SIGTERM"))
+        .unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    // Graceful stop: exit code 0.
+    assert!(server.stop().success());
+    let server = Server::start(&data, &[]);
+    let h2 = a
+        .ledger()
+        .register(household("SOC-01", "Before SIGKILL"))
+        .unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    // A sync that returned was acknowledged: it survives SIGKILL.
+    server.kill();
+    let server = Server::start(&data, &[]);
+    b.sync(&server.url(), &token).await.unwrap();
+    assert_eq!(
+        b.ledger().household(h1).unwrap().household.head_name,
+        "Before SIGTERM"
+    );
+    assert_eq!(
+        b.ledger().household(h2).unwrap().household.head_name,
+        "Before SIGKILL"
+    );
+    assert_eq!(b.ledger().list_site("SOC-01").unwrap().len(), 2);
+}
+
+async fn ws_status(url: &str, token: Option<&str>) -> u16 {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_unknown_token_is_401_before_any_protocol() {
+    let (_dir, data, token) = setup();
+    let server = Server::start(&data, &[]);
+    assert_eq!(ws_status(&server.url(), None).await, 401);
+    assert_eq!(ws_status(&server.url(), Some("rls_not-a-token")).await, 401);
+    assert_eq!(
+        ws_status(&format!("{}?token=wrong", server.url()), None).await,
+        401
+    );
+    assert_eq!(ws_status(&server.url(), Some(&token)).await, 101);
+    assert_eq!(
+        ws_status(&format!("{}?token={token}", server.url()), None).await,
+        101
+    );
+    // Plain HTTP on /sync without a token is refused the same way.
+    assert_eq!(http(server.addr, "GET", "/sync", None, None).0, 401);
+    assert_eq!(http(server.addr, "GET", "/healthz", None, None).0, 200);
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw(url: &str, token: &str) -> WsStream {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, false)
+        .await
+        .unwrap();
+    ws
+}
+
+fn join() -> Vec<u8> {
+    Message::Join {
+        sender_id: "hostile".into(),
+        supported_protocol_versions: vec!["1".into()],
+        peer_metadata: PeerMetadata::default(),
+    }
+    .encode()
+}
+
+/// Reads until the server closes; returns the close reason (or the error text).
+async fn closed_with(ws: &mut WsStream) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => panic!("server did not close the connection"),
+            Ok(None) => return "eof".into(),
+            Ok(Some(Err(e))) => return format!("error: {e}"),
+            Ok(Some(Ok(Ws::Close(f)))) => {
+                return f.map(|f| f.reason.to_string()).unwrap_or_default()
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_closes_only_that_connection() {
+    let (dir, data, token) = setup();
+    let server = Server::start(&data, &["--max-frame-bytes", "65536"]);
+    let good = replica(dir.path(), "good");
+    good.sync(&server.url(), &token).await.unwrap();
+
+    let bad_sync = |data: Vec<u8>| {
+        Message::Sync(DocMessage {
+            sender_id: "hostile".into(),
+            target_id: "srv".into(),
+            document_id: relais_core::DocumentId::random().to_string(),
+            data,
+        })
+        .encode()
+    };
+    let mut wrong_types = minicbor::Encoder::new(Vec::new());
+    wrong_types
+        .map(4)
+        .unwrap()
+        .str("type")
+        .unwrap()
+        .str("sync")
+        .unwrap();
+    wrong_types.str("senderId").unwrap().u32(5).unwrap();
+    wrong_types.str("documentId").unwrap().array(0).unwrap();
+    wrong_types.str("data").unwrap().str("not bytes").unwrap();
+    let mut unknown = minicbor::Encoder::new(Vec::new());
+    unknown
+        .map(1)
+        .unwrap()
+        .str("type")
+        .unwrap()
+        .str("launch-missiles")
+        .unwrap();
+
+    let cases: Vec<(&str, bool, Ws, &str)> = vec![
+        (
+            "truncated CBOR",
+            true,
+            Ws::Binary(join()[..7].to_vec().into()),
+            "malformed",
+        ),
+        (
+            "random bytes",
+            true,
+            Ws::Binary(vec![0xff, 0x13, 0x37, 0x00, 0x99].into()),
+            "malformed",
+        ),
+        (
+            "wrong field types",
+            true,
+            Ws::Binary(wrong_types.into_writer().into()),
+            "wrong type",
+        ),
+        (
+            "unknown type",
+            true,
+            Ws::Binary(unknown.into_writer().into()),
+            "unknown message type",
+        ),
+        (
+            "bad automerge bytes",
+            true,
+            Ws::Binary(bad_sync(vec![0x42, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).into()),
+            "automerge",
+        ),
+        (
+            "sync before join",
+            false,
+            Ws::Binary(bad_sync(vec![]).into()),
+            "before the handshake",
+        ),
+        (
+            "text frame",
+            true,
+            Ws::Text("{\"type\":\"join\"}".into()),
+            "text frames",
+        ),
+        (
+            "oversized frame",
+            true,
+            Ws::Binary(vec![0u8; 70_000].into()),
+            "",
+        ),
+    ];
+    for (name, joined, frame, want) in cases {
+        let mut ws = raw(&server.url(), &token).await;
+        if joined {
+            ws.send(Ws::Binary(join().into())).await.unwrap();
+            match ws.next().await {
+                Some(Ok(Ws::Binary(b))) => {
+                    assert!(matches!(Message::decode(&b), Ok(Message::Peer { .. })))
+                }
+                other => panic!("{name}: no peer reply: {other:?}"),
+            }
+        }
+        let _ = ws.send(frame).await;
+        let reason = closed_with(&mut ws).await;
+        assert!(
+            reason.contains(want),
+            "{name}: closed with {reason:?}, wanted {want:?}"
+        );
+        // Everyone else is fine.
+        let h = good.ledger().register(household("SOC-01", name)).unwrap();
+        good.sync(&server.url(), &token)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: good client failed: {e}"));
+        assert!(good.ledger().store().meta(h).unwrap().is_some());
+    }
+    assert_eq!(http(server.addr, "GET", "/healthz", None, None).0, 200);
+    let (_, metrics) = http(server.addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("relais_connections_dropped_total"),
+        "{metrics}"
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
+    let (dir, data, token) = setup();
+    // Big documents, so that the stalled reader's socket buffers fill.
+    {
+        let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
+        let mut writes = Vec::new();
+        for i in 0..40u32 {
+            let mut doc = automerge::Automerge::new();
+            let mut tx = doc.transaction();
+            use automerge::transaction::Transactable;
+            let blob: Vec<u8> = (0..300_000u32).map(|_| rand::random::<u8>()).collect();
+            let _ = i;
+            tx.put(automerge::ROOT, "blob", blob).unwrap();
+            tx.commit();
+            writes.push(relais_core::store::DocWrite::from_doc(
+                relais_core::DocumentId::random(),
+                relais_core::document::DocInfo::other(),
+                &doc,
+                vec![],
+            ));
+        }
+        store.write(&writes).unwrap();
+    }
+    let ids: Vec<String> = {
+        let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
+        store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id.to_string())
+            .collect()
+    };
+    let tablet = create_token(
+        &data,
+        "tab-soc",
+        &["--role", "enumerator", "--sites", "SOC-01"],
+    );
+    let server = Server::start(&data, &["--send-buffer-bytes", "1000000"]);
+    let mut slow = raw(&server.url(), &token).await;
+    slow.send(Ws::Binary(join().into())).await.unwrap();
+    let empty = {
+        use automerge::sync::SyncDoc;
+        automerge::Automerge::new()
+            .generate_sync_message(&mut automerge::sync::State::new())
+            .unwrap()
+            .encode()
+    };
+    for id in &ids {
+        let m = Message::Request(DocMessage {
+            sender_id: "slow".into(),
+            target_id: "s".into(),
+            document_id: id.clone(),
+            data: empty.clone(),
+        });
+        slow.send(Ws::Binary(m.encode().into())).await.unwrap();
+    }
+    // The stalled reader reads nothing; a good client syncs meanwhile.
+    let good = replica(dir.path(), "good");
+    tokio::time::timeout(Duration::from_secs(60), good.sync(&server.url(), &tablet))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(good.ledger().site("SOC-01").unwrap().is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http(server.addr, "GET", "/metrics", None, None);
+        if metrics
+            .lines()
+            .any(|l| l.starts_with("relais_connections_dropped_total") && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow reader was never dropped:\n{}\n{metrics}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.log().contains("send queue full"));
+    drop(slow);
+}
