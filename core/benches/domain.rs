@@ -1,1 +1,183 @@
-fn main() {}
+//! Domain and store costs: registering a household, merging a remote change, and saving and
+//! loading a whole site of 5,000 households with 2 distributions each.
+//!
+//! Run with `cargo bench -p relais-core --bench domain`; figures go to BENCHMARKS.md.
+
+use std::time::Duration;
+
+use automerge::sync::SyncDoc;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use relais_core::campaign::{Campaign, Entitlement};
+use relais_core::household::{parse_members, HouseholdUpdate, NewHousehold};
+use relais_core::ledger::{Ledger, Writer};
+use relais_core::site::{Site, SiteKind};
+use relais_core::store::{DocWrite, Store};
+use relais_core::DocumentId;
+
+const SITE_SIZE: usize = 5_000;
+
+fn ledger(dir: &std::path::Path, name: &str) -> Ledger {
+    let l = Ledger::new(
+        Store::open(dir.join(format!("{name}.redb"))).unwrap(),
+        Writer {
+            enumerator: "bench".into(),
+            device: name.into(),
+        },
+    )
+    .unwrap();
+    l.put_site(&Site {
+        code: "SOC-01".into(),
+        name: "Socoura".into(),
+        kind: SiteKind::OfficialSite,
+        admin1: "Mopti".into(),
+        admin2: "Mopti".into(),
+        admin3: None,
+    })
+    .unwrap();
+    l.put_campaign(&Campaign {
+        code: "JP-2023".into(),
+        name: "Responding to the needs of IDPs".into(),
+        donor: None,
+        start: None,
+        end: None,
+        items: vec![
+            Entitlement {
+                item: "nfi-kit".into(),
+                quantity: 1,
+            },
+            Entitlement {
+                item: "shelter-kit".into(),
+                quantity: 1,
+            },
+        ],
+        sites: vec!["SOC-01".into()],
+    })
+    .unwrap();
+    l
+}
+
+fn new_household(i: usize) -> NewHousehold {
+    NewHousehold {
+        site: "SOC-01".into(),
+        head_name: format!("Aminata Traoré {i}"),
+        members: parse_members("F:34,M:12,F:7,M:3").unwrap(),
+        origin: Some("Ségou".into()),
+        displacement_date: Some("2023-05-02".into()),
+        displacement_reason: Some("conflict".into()),
+        ..Default::default()
+    }
+}
+
+fn register(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "reg");
+    let mut i = 0;
+    c.bench_function("register_household_durable", |b| {
+        b.iter(|| {
+            i += 1;
+            l.register(new_household(i)).unwrap()
+        })
+    });
+}
+
+fn merge_remote_change(c: &mut Criterion) {
+    // A household edited on a tablet, merged on the server through the sync protocol.
+    let dir = tempfile::tempdir().unwrap();
+    let tab = ledger(dir.path(), "tab");
+    let id = tab.register(new_household(1)).unwrap();
+    let mut k = 0u32;
+    c.bench_function("merge_remote_change", |b| {
+        b.iter_batched(
+            || {
+                let server = tab.store().load(id).unwrap().unwrap().doc;
+                k += 1;
+                tab.update(
+                    id,
+                    &HouseholdUpdate {
+                        contact: Some(format!("+223 {k}")),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let client = tab.store().load(id).unwrap().unwrap().doc;
+                // The message a client sends once it knows the server's heads.
+                let mut cs = automerge::sync::State::new();
+                cs.shared_heads = server.get_heads();
+                cs.their_heads = Some(server.get_heads());
+                cs.their_have = Some(vec![]);
+                cs.their_need = Some(vec![]);
+                let msg = client.generate_sync_message(&mut cs).unwrap();
+                (server, msg)
+            },
+            |(mut server, msg)| {
+                let mut ss = automerge::sync::State::new();
+                server.receive_sync_message(&mut ss, msg).unwrap();
+                server
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn site_of_5000(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "site");
+    // Build the households in memory, then store them in one transaction, as a sync would.
+    let mut docs = Vec::with_capacity(SITE_SIZE);
+    for i in 0..SITE_SIZE {
+        let id = l.register(new_household(i)).unwrap();
+        l.distribute_on(id, "JP-2023", "nfi-kit", 1, "2023-07-10")
+            .unwrap();
+        l.distribute_on(id, "JP-2023", "shelter-kit", 1, "2023-07-10")
+            .unwrap();
+        docs.push(id);
+    }
+    let loaded: Vec<(
+        DocumentId,
+        automerge::Automerge,
+        relais_core::document::DocInfo,
+    )> = docs
+        .iter()
+        .map(|id| {
+            let s = l.store().load(*id).unwrap().unwrap();
+            (*id, s.doc, s.meta.info)
+        })
+        .collect();
+    let mut g = c.benchmark_group("site_5000_households");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let mut round = 0;
+    g.bench_function("save", |b| {
+        b.iter_batched(
+            || {
+                round += 1;
+                Store::open(dir.path().join(format!("copy-{round}.redb"))).unwrap()
+            },
+            |store| {
+                let writes: Vec<DocWrite> = loaded
+                    .iter()
+                    .map(|(id, doc, info)| DocWrite::from_doc(*id, info.clone(), doc, vec![]))
+                    .collect();
+                store.write(&writes).unwrap();
+                store
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("load", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for id in &docs {
+                n += l.store().load(*id).unwrap().unwrap().doc.get_heads().len();
+            }
+            n
+        })
+    });
+    g.bench_function("list_site_typed", |b| {
+        b.iter(|| l.list_site("SOC-01").unwrap().len())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, register, merge_remote_change, site_of_5000);
+criterion_main!(benches);

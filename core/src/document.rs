@@ -1,12 +1,12 @@
 //! How the field domain is laid out in Automerge documents.
 //!
 //! Every document has a `kind` at its root (`site`, `household` or `campaign`) and its typed
-//! content under `record`, kept in step with the Rust structs by autosurgeon. Besides:
+//! content under `record`, kept in step with the Rust structs by autosurgeon. A household
+//! document also holds `distributions`, see [`crate::distribution`].
 //!
-//! - a **site** document also holds `households`, its roster: a map from household document id
-//!   to the time it joined the site. Concurrent registrations add different keys, so they
-//!   all survive a merge;
-//! - a **household** document also holds `distributions`, see [`crate::distribution`].
+//! There is no roster document listing a site's households: it would grow with the site, and
+//! every registration would rewrite it. The store indexes each document under the sites its
+//! record names instead ([`crate::store::Store::at_site`]).
 //!
 //! Documents written by other automerge-repo clients, with no `kind`, are [`DocKind::Other`]:
 //! the server stores and relays them but the domain ignores them.
@@ -15,14 +15,12 @@ use automerge::{transaction::Transactable, Automerge, ObjId, ReadDoc, ScalarValu
 use autosurgeon::{hydrate_prop, Hydrate};
 use serde::{Deserialize, Serialize};
 
-use crate::{campaign::Campaign, household::Household, household::Status, site::Site, DocumentId};
+use crate::{campaign::Campaign, household::Household, household::Status, site::Site};
 
 /// Root key naming the kind of a document.
 pub const KIND: &str = "kind";
 /// Root key of the typed record.
 pub const RECORD: &str = "record";
-/// Root key of a site's roster of households.
-pub const ROSTER: &str = "households";
 
 /// What a document holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -143,14 +141,6 @@ pub fn read_campaign(doc: &Automerge) -> Result<Campaign, DocError> {
     read_record(doc, DocKind::Campaign)
 }
 
-/// The household ids on a site's roster, in key order.
-pub fn roster(doc: &impl automerge::ReadDoc) -> Vec<DocumentId> {
-    match doc.get(ROOT, ROSTER) {
-        Ok(Some((_, obj))) => doc.keys(&obj).filter_map(|k| k.parse().ok()).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Writes `kind` and the typed record into a transaction.
 pub fn put_record<T: autosurgeon::Reconcile>(
     tx: &mut automerge::transaction::Transaction<'_>,
@@ -161,30 +151,6 @@ pub fn put_record<T: autosurgeon::Reconcile>(
         Transactable::put(tx, ROOT, KIND, kind.as_str())?;
     }
     autosurgeon::reconcile_prop(tx, ROOT, RECORD, record)
-}
-
-/// Adds a household to a site roster inside a transaction.
-pub fn roster_add<Tx: Transactable + ReadDoc>(
-    tx: &mut Tx,
-    household: DocumentId,
-    at: i64,
-) -> Result<(), automerge::AutomergeError> {
-    let obj = ensure_map(tx, ROSTER)?;
-    tx.put(&obj, household.to_string(), at)
-}
-
-/// Removes a household from a site roster (it moved or was erased).
-pub fn roster_remove<Tx: Transactable + ReadDoc>(
-    tx: &mut Tx,
-    household: DocumentId,
-) -> Result<(), automerge::AutomergeError> {
-    if let Ok(Some((_, obj))) = tx.get(ROOT, ROSTER) {
-        let key = household.to_string();
-        if tx.get(&obj, key.as_str())?.is_some() {
-            tx.delete(&obj, key.as_str())?;
-        }
-    }
-    Ok(())
 }
 
 /// The root map under `key`, created if missing.

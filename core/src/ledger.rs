@@ -5,7 +5,8 @@
 //! enumerator, device and operation (never personal values), then stores it durably before
 //! returning.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{transaction::Transactable, ActorId, Automerge, ChangeHash, ROOT};
@@ -90,6 +91,8 @@ pub struct Ledger {
     store: Arc<Store>,
     writer: Writer,
     actor: ActorId,
+    /// Region of each site, with the site document's heads it was read at.
+    regions: Mutex<HashMap<String, (Vec<String>, String)>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -126,6 +129,7 @@ impl Ledger {
             store,
             writer,
             actor,
+            regions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -169,7 +173,19 @@ impl Ledger {
 
     /// The region of a site, if its document is stored here.
     pub fn region_of(&self, site: &str) -> Option<String> {
-        self.site(site).ok().flatten().map(|s| s.admin1)
+        let id = DocumentId::derived("site", site);
+        let heads = self.store.meta(id).ok().flatten()?.heads;
+        if let Some((h, region)) = self.regions.lock().expect("not poisoned").get(site) {
+            if *h == heads {
+                return Some(region.clone());
+            }
+        }
+        let region = self.site(site).ok().flatten()?.admin1;
+        self.regions
+            .lock()
+            .expect("not poisoned")
+            .insert(site.to_string(), (heads, region.clone()));
+        Some(region)
     }
 
     /// Describes a document, resolving site regions through this store.
@@ -193,7 +209,6 @@ impl Ledger {
             |_| opts,
             |tx| -> Result<(), LedgerError> {
                 document::put_record(tx, DocKind::Site, site)?;
-                document::ensure_map(tx, document::ROSTER)?;
                 Ok(())
             },
         )
@@ -282,7 +297,8 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Registers a household and adds it to its site's roster, in one durable transaction.
+    /// Registers a household. Only the new household's document is written: the store's site
+    /// index lists it under its site, so concurrent registrations never interfere.
     pub fn register(&self, new: NewHousehold) -> Result<DocumentId, LedgerError> {
         let hh = Household {
             size: new.size.unwrap_or(new.members.len() as u32),
@@ -307,10 +323,13 @@ impl Ledger {
             },
         };
         hh.validate()?;
-        let site_id = DocumentId::derived("site", &hh.site);
-        let Some((mut site_doc, site_base)) = self.load(site_id)? else {
+        if self
+            .store
+            .meta(DocumentId::derived("site", &hh.site))?
+            .is_none()
+        {
             return Err(ValidationError::UnknownSite(hh.site.clone()).into());
-        };
+        }
         let id = DocumentId::random();
         let mut doc = Automerge::new().with_actor(self.actor.clone());
         let opts = self.commit_opts("register");
@@ -325,18 +344,7 @@ impl Ledger {
             },
         )
         .map_err(|f| f.error)?;
-        let opts = self.commit_opts("roster-add");
-        site_doc
-            .transact_with(
-                |_| opts,
-                |tx| document::roster_add(tx, id, hh.registered.at),
-            )
-            .map_err(|f| f.error)?;
-        let writes = [
-            self.write_of(id, &doc, Vec::new()),
-            self.write_of(site_id, &site_doc, site_base),
-        ];
-        self.store.write(&writes)?;
+        self.store.write(&[self.write_of(id, &doc, Vec::new())])?;
         Ok(id)
     }
 
@@ -359,25 +367,13 @@ impl Ledger {
         let old_site = hh.site.clone();
         hh.apply(update);
         hh.validate()?;
-        let mut writes = Vec::new();
-        if hh.site != old_site {
-            let new_site = DocumentId::derived("site", &hh.site);
-            let Some((mut new_doc, new_base)) = self.load(new_site)? else {
-                return Err(ValidationError::UnknownSite(hh.site.clone()).into());
-            };
-            let opts = self.commit_opts("roster-add");
-            new_doc
-                .transact_with(|_| opts, |tx| document::roster_add(tx, id, now_ms()))
-                .map_err(|f| f.error)?;
-            writes.push(self.write_of(new_site, &new_doc, new_base));
-            let old_id = DocumentId::derived("site", &old_site);
-            if let Some((mut old_doc, old_base)) = self.load(old_id)? {
-                let opts = self.commit_opts("roster-remove");
-                old_doc
-                    .transact_with(|_| opts, |tx| document::roster_remove(tx, id))
-                    .map_err(|f| f.error)?;
-                writes.push(self.write_of(old_id, &old_doc, old_base));
-            }
+        if hh.site != old_site
+            && self
+                .store
+                .meta(DocumentId::derived("site", &hh.site))?
+                .is_none()
+        {
+            return Err(ValidationError::UnknownSite(hh.site.clone()).into());
         }
         let opts = self.commit_opts("update");
         doc.transact_with(
@@ -385,8 +381,7 @@ impl Ledger {
             |tx| document::put_record(tx, DocKind::Household, &hh),
         )
         .map_err(|f| f.error)?;
-        writes.insert(0, self.write_of(id, &doc, base));
-        self.store.write(&writes)?;
+        self.store.write(&[self.write_of(id, &doc, base)])?;
         Ok(())
     }
 
@@ -491,18 +486,23 @@ impl Ledger {
         })
     }
 
-    /// Households on a site's roster, in id order. Unknown sites are an error.
+    /// Households living at a site, in id order. Unknown sites are an error.
     pub fn list_site(&self, code: &str) -> Result<Vec<HouseholdView>, LedgerError> {
-        let Some(site) = self.store.load(DocumentId::derived("site", code))? else {
+        if self
+            .store
+            .meta(DocumentId::derived("site", code))?
+            .is_none()
+        {
             return Err(ValidationError::UnknownSite(code.to_string()).into());
-        };
+        }
         let mut out = Vec::new();
-        for id in document::roster(&site.doc) {
-            // A roster can name a household this replica does not hold (yet).
-            if let Ok(v) = self.household(id) {
-                if v.household.site == code {
-                    out.push(v);
-                }
+        for id in self.store.at_site(code)? {
+            let is_household = self
+                .store
+                .meta(id)?
+                .is_some_and(|m| m.info.kind == DocKind::Household);
+            if is_household {
+                out.push(self.household(id)?);
             }
         }
         Ok(out)

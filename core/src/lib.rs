@@ -10,9 +10,12 @@
 //!   under `distributions`. Erasing a household's personal data everywhere means dropping one
 //!   document; access can be granted per record; no document grows without bound, since a
 //!   household has a handful of members and handouts.
-//! - **One document per site**: the site's record plus its roster, a map from household id to
-//!   the time it joined. Concurrent registrations on two tablets add different keys and both
-//!   survive.
+//! - **One document per site**, holding only the site's record. Which households live there
+//!   is an index the store keeps from each household's `site` field, not a roster document:
+//!   a roster would grow with the site, every registration would rewrite it, and with
+//!   Automerge's columnar storage each insert into a large map costs time in proportion to
+//!   its size (measured in debug builds: 9 ms per registration at the 250th household of a
+//!   site, 17 ms at the 1,000th). Concurrent registrations touch different documents.
 //! - **One document per campaign**: name, dates, items and entitlements, sites served.
 //! - **Identifiers** are made offline and never collide: households get 16 random bytes;
 //!   sites and campaigns get ids derived from their code, so the same code created on two

@@ -8,6 +8,7 @@
 //! | `snapshots` | document id | a full `save()` of the document |
 //! | `chunks` | (document id, n) | incremental changes appended after the snapshot |
 //! | `feed` | sequence | document id, one entry per document: its latest write |
+//! | `by_site` | (site code, document id) | nothing: which documents belong to a site |
 //! | `meta` | name | small values (this replica's actor id, cursors) |
 //!
 //! A write appends the bytes `save_after(stored heads)` as a chunk; it costs what changed, not
@@ -40,6 +41,7 @@ const SNAPSHOTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("snapsh
 const CHUNKS: TableDefinition<([u8; 16], u32), &[u8]> = TableDefinition::new("chunks");
 const FEED: TableDefinition<u64, [u8; 16]> = TableDefinition::new("feed");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const BY_SITE: TableDefinition<(&str, [u8; 16]), ()> = TableDefinition::new("by_site");
 
 /// A document is compacted into one snapshot once it has this many incremental chunks. Small
 /// enough that loading a busy document stays cheap, large enough that compaction (a full
@@ -266,6 +268,7 @@ impl Store {
         txn.open_table(CHUNKS)?;
         txn.open_table(FEED)?;
         txn.open_table(META)?;
+        txn.open_table(BY_SITE)?;
         txn.commit()?;
         Ok(Store { db, path })
     }
@@ -319,6 +322,7 @@ impl Store {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
+            let mut by_site = txn.open_table(BY_SITE)?;
             let mut next_seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
             for w in writes {
                 let key = *w.id.as_bytes();
@@ -364,6 +368,14 @@ impl Store {
                         }
                     }
                 };
+                if old_sites(&docs, w.id)? != w.info.sites {
+                    for s in old_sites(&docs, w.id)? {
+                        by_site.remove((s.as_str(), key))?;
+                    }
+                    for s in &w.info.sites {
+                        by_site.insert((s.as_str(), key), ())?;
+                    }
+                }
                 meta.info = w.info.clone();
                 if meta.chunks >= COMPACT_AFTER_CHUNKS {
                     let doc = assemble(w.id, &snaps, &chunks, meta.chunks)?;
@@ -458,6 +470,7 @@ impl Store {
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
+            let mut by_site = txn.open_table(BY_SITE)?;
             let key = *id.as_bytes();
             let meta = docs
                 .remove(&key)?
@@ -466,6 +479,9 @@ impl Store {
             existed = meta.is_some();
             if let Some(meta) = meta {
                 feed.remove(meta.seq)?;
+                for s in &meta.info.sites {
+                    by_site.remove((s.as_str(), key))?;
+                }
                 for n in 0..meta.chunks {
                     chunks.remove((key, n))?;
                 }
@@ -531,6 +547,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Documents that belong to a site (households living there, the site itself, campaigns
+    /// serving it), in id order.
+    pub fn at_site(&self, site: &str) -> Result<Vec<DocumentId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(BY_SITE)?;
+        let mut out = Vec::new();
+        for row in t.range((site, [0u8; 16])..=(site, [0xffu8; 16]))? {
+            let (k, _) = row?;
+            out.push(DocumentId::from_bytes(k.value().1));
+        }
+        Ok(out)
+    }
+
     /// Reads a small named value.
     pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -559,6 +588,17 @@ impl Store {
             None => true,
         })
     }
+}
+
+/// The sites a document is indexed under now (before this write).
+fn old_sites(
+    docs: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    id: DocumentId,
+) -> Result<Vec<String>, StoreError> {
+    Ok(match docs.get(id.as_bytes())? {
+        Some(g) => decode_meta(id, g.value())?.info.sites,
+        None => Vec::new(),
+    })
 }
 
 fn assemble(

@@ -125,7 +125,7 @@ fn concurrent_double_handout_is_detected_on_both_sides() {
 }
 
 #[test]
-fn concurrent_registrations_on_one_site_all_reach_the_roster() {
+fn concurrent_registrations_on_one_site_are_all_listed() {
     let (_d, a, b) = forked();
     let h1 = a.register(new_household("SOC-01", "A")).unwrap();
     let h2 = b.register(new_household("SOC-01", "B")).unwrap();
@@ -250,7 +250,7 @@ fn validation_errors_write_nothing() {
 }
 
 #[test]
-fn moving_a_household_updates_both_rosters() {
+fn moving_a_household_moves_it_between_site_lists() {
     let dir = tempfile::tempdir().unwrap();
     let l = ledger(dir.path(), "tab");
     seed(&l);

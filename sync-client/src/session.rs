@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use relais_core::access::Identity;
 use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, Step};
-use relais_core::protocol::message::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -23,7 +22,7 @@ const CONN: ConnId = 1;
 pub struct SyncSummary {
     /// The server (URL without its query).
     pub server: String,
-    /// Documents this replica offered or pushed.
+    /// Documents with local changes since the last sync, pushed to the server.
     pub documents_sent: usize,
     /// Documents that received changes from the server.
     pub documents_received: usize,
@@ -125,7 +124,8 @@ pub(crate) async fn run(
         server: server_key(url),
         ..Default::default()
     };
-    let mut sent_docs: HashSet<String> = HashSet::new();
+    // Documents with local changes the server may lack: those written since the last sync.
+    let pushing = store.changes_since(cursors.local, usize::MAX)?.len();
     let mut recv_docs = HashSet::new();
     let mut local_seen = store.last_seq()?;
     let mut step = hub.connect_outbound(
@@ -142,7 +142,7 @@ pub(crate) async fn run(
             &mut hub,
             step,
             &mut summary,
-            &mut sent_docs,
+            pushing,
             &mut recv_docs,
             &mut sink,
             started,
@@ -246,7 +246,7 @@ async fn handle<S>(
     hub: &mut Hub<Arc<relais_core::store::Store>>,
     step: Step,
     summary: &mut SyncSummary,
-    sent_docs: &mut HashSet<String>,
+    pushing: usize,
     recv_docs: &mut HashSet<relais_core::DocumentId>,
     sink: &mut S,
     started: Instant,
@@ -288,7 +288,7 @@ where
                     },
                 )?;
                 summary.documents_received = recv_docs.len();
-                summary.documents_sent = sent_docs.len();
+                summary.documents_sent = pushing;
                 summary.elapsed_ms = started.elapsed().as_millis() as u64;
                 replica.emit(ReplicaEvent::Synced(summary.clone()));
                 done = true;
@@ -297,9 +297,6 @@ where
         }
     }
     for (_, frame) in step.sends {
-        if let Ok(Message::Sync(m) | Message::Request(m)) = Message::decode(&frame) {
-            sent_docs.insert(m.document_id);
-        }
         summary.frames_sent += 1;
         summary.bytes_sent += frame.len() as u64;
         sink.send(WsMessage::Binary(frame.into()))
