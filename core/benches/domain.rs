@@ -104,14 +104,20 @@ fn merge_remote_change(c: &mut Criterion) {
                 let mut cs = automerge::sync::State::new();
                 cs.shared_heads = server.get_heads();
                 cs.their_heads = Some(server.get_heads());
-                cs.their_have = Some(vec![]);
+                cs.their_have = Some(vec![automerge::sync::Have {
+                    last_sync: server.get_heads(),
+                    bloom: Default::default(),
+                }]);
                 cs.their_need = Some(vec![]);
                 let msg = client.generate_sync_message(&mut cs).unwrap();
-                (server, msg)
+                assert!(!msg.changes.is_empty(), "the message must carry the change");
+                let before = server.get_heads();
+                (server, msg, before)
             },
-            |(mut server, msg)| {
+            |(mut server, msg, before)| {
                 let mut ss = automerge::sync::State::new();
                 server.receive_sync_message(&mut ss, msg).unwrap();
+                assert_ne!(server.get_heads(), before, "the change was applied");
                 server
             },
             BatchSize::SmallInput,

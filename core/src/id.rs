@@ -27,9 +27,11 @@ pub enum IdError {
 }
 
 impl DocumentId {
-    /// A fresh random id. Safe to call offline on any number of devices.
+    /// A fresh random id, shaped as a UUID v4 like automerge-repo's own (older
+    /// automerge-repo servers refuse ids that are not valid UUIDs). 122 random bits: safe to
+    /// make offline on any number of devices.
     pub fn random() -> Self {
-        DocumentId(rand::random())
+        DocumentId(uuid_shape(rand::random(), 4))
     }
 
     /// The id of a reference document (site, campaign) derived from its kind and code, so
@@ -38,7 +40,8 @@ impl DocumentId {
         let digest = Sha256::digest(format!("relais:{kind}:{code}").as_bytes());
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
-        DocumentId(bytes)
+        // Name-based, so shaped as a UUID v5.
+        DocumentId(uuid_shape(bytes, 5))
     }
 
     /// Wraps raw bytes.
@@ -61,6 +64,13 @@ impl DocumentId {
     pub fn url(&self) -> String {
         format!("automerge:{self}")
     }
+}
+
+/// Sets the UUID version nibble and the RFC 4122 variant bits.
+fn uuid_shape(mut b: [u8; 16], version: u8) -> [u8; 16] {
+    b[6] = (b[6] & 0x0f) | (version << 4);
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
 }
 
 impl fmt::Display for DocumentId {
@@ -122,6 +132,15 @@ mod tests {
         assert!(matches!(s.parse::<DocumentId>(), Err(IdError::Encoding(_))));
         let short = bs58::encode([1u8; 8]).with_check().into_string();
         assert_eq!(short.parse::<DocumentId>(), Err(IdError::Length(8)));
+    }
+
+    #[test]
+    fn ids_are_uuid_shaped() {
+        for id in [DocumentId::random(), DocumentId::derived("site", "SOC-01")] {
+            let b = id.as_bytes();
+            assert!(matches!(b[6] >> 4, 4 | 5), "version nibble");
+            assert_eq!(b[8] & 0xc0, 0x80, "variant bits");
+        }
     }
 
     #[test]

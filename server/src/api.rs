@@ -64,8 +64,12 @@ fn admin(app: &App, addr: SocketAddr, headers: &HeaderMap) -> Result<Identity, A
             StatusCode::FORBIDDEN,
             "admin token required".into(),
         )),
-        Err(_) => Err(ApiError(
-            StatusCode::UNAUTHORIZED,
+        Err(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed logins from this address; wait a minute".into(),
+        )),
+        Err(resp) => Err(ApiError(
+            resp.status(),
             "missing, unknown or revoked token".into(),
         )),
     }

@@ -15,28 +15,40 @@
 //!
 //! ## Example
 //!
-//! ```no_run
-//! use relais_client::{Replica, Writer};
-//! use relais_core::household::{parse_members, NewHousehold};
+//! Open a replica, register offline, and sync. Here no server is listening, as in the field:
+//! the sync fails with a network error, and the registration is safe on the tablet until the
+//! next sync finds a link.
 //!
-//! # async fn demo() -> Result<(), relais_client::ClientError> {
-//! let replica = Replica::open("./tablet-replica", Writer {
+//! ```
+//! use relais_client::{ClientError, Replica, Writer};
+//! use relais_core::household::{parse_members, NewHousehold};
+//! use relais_core::site::{Site, SiteKind};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ClientError> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let replica = Replica::open(dir.path().join("tablet"), Writer {
 //!     enumerator: "e-07".into(),
 //!     device: "tab-mopti-07".into(),
 //! })?;
-//! // Provisioning at the office: receive sites and campaigns.
-//! replica.sync("ws://127.0.0.1:7373/sync", "rls_...").await?;
-//! // In the field, offline.
+//! // Normally received at the office by a first sync; created here to stay offline.
+//! replica.ledger().put_site(&Site { code: "SOC-01".into(), name: "Socoura".into(),
+//!     kind: SiteKind::OfficialSite, admin1: "Mopti".into(), admin2: "Mopti".into(), admin3: None })?;
+//!
 //! let hh = replica.ledger().register(NewHousehold {
 //!     site: "SOC-01".into(),
 //!     head_name: "Aminata Traoré".into(),
 //!     members: parse_members("F:34,M:12,F:7").unwrap(),
 //!     ..Default::default()
 //! })?;
-//! replica.ledger().distribute(hh, "JP-2023", "nfi-kit", 1)?;
-//! // Back in range.
-//! let summary = replica.sync("ws://127.0.0.1:7373/sync", "rls_...").await?;
-//! println!("sent {} documents", summary.documents_sent);
+//! assert_eq!(replica.status()?.pending_documents, 2);
+//!
+//! match replica.sync("ws://127.0.0.1:9/sync", "rls_token").await {
+//!     Ok(summary) => println!("sent {} documents", summary.documents_sent),
+//!     Err(ClientError::Network(e)) => println!("offline ({e}); will retry"),
+//!     Err(other) => return Err(other),
+//! }
+//! assert_eq!(replica.ledger().household(hh)?.household.head_name, "Aminata Traoré");
 //! # Ok(()) }
 //! ```
 
@@ -144,9 +156,9 @@ impl Replica {
     }
 
     /// The typed domain operations (register, update, distribute, list, look up,
-    /// conflicts, double handouts). Every write is durable when it returns. Call
-    /// [`Replica::wrote`] after writes while a background sync runs, so it pushes them at
-    /// once (a later sync finds them anyway).
+    /// conflicts, double handouts). Every write is durable when it returns. A running
+    /// background sync notices writes within a second; [`Replica::wrote`] makes it push at
+    /// once.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

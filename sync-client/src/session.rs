@@ -111,7 +111,11 @@ pub(crate) async fn run(
     let store = replica.ledger().store_arc();
     let mut hub = Hub::new(
         HubConfig {
-            peer_id: replica.peer_id().to_string(),
+            // A new peer id per session: servers that keep per-peer sync state in memory
+            // across reconnects (automerge-repo 1.x) would otherwise reuse state from a
+            // session whose last messages were lost, and never resend them. The storage id
+            // stays stable.
+            peer_id: format!("{}-{}", replica.peer_id(), rand::random::<u32>()),
             storage_id: Some(replica.peer_id().to_string()),
             // A tablet syncs every document it holds; do not evict mid-sync.
             max_loaded_docs: usize::MAX / 2,
@@ -128,6 +132,7 @@ pub(crate) async fn run(
     let pushing = store.changes_since(cursors.local, usize::MAX)?.len();
     let mut recv_docs = HashSet::new();
     let mut local_seen = store.last_seq()?;
+    let mut last_progress = Instant::now();
     let mut step = hub.connect_outbound(
         CONN,
         Identity::admin("server"),
@@ -160,7 +165,8 @@ pub(crate) async fn run(
             // Connected and idle: wait for the server or for local writes.
             Duration::from_secs(24 * 3600)
         } else {
-            opts.idle_timeout
+            // Pings do not count as progress: a server that only pings is stalled.
+            opts.idle_timeout.saturating_sub(last_progress.elapsed())
         };
         let (local_write, mut stop) = match &live {
             Some(l) => (Some(l.local_write.clone()), Some(l.stop.clone())),
@@ -168,9 +174,12 @@ pub(crate) async fn run(
         };
         step = tokio::select! {
             msg = tokio::time::timeout(wait, stream.next()) => {
+                if matches!(msg, Ok(Some(Ok(WsMessage::Binary(_))))) {
+                    last_progress = Instant::now();
+                }
                 next_step(&mut hub, msg, &mut summary)?
             }
-            _ = wait_local(local_write.as_deref()) => {
+            _ = wait_local(local_write.as_deref(), &store, local_seen) => {
                 tokio::time::sleep(opts.push_delay).await;
                 let mut s = Step::default();
                 for e in store.changes_since(local_seen, usize::MAX)? {
@@ -191,10 +200,23 @@ pub(crate) async fn run(
     }
 }
 
-async fn wait_local(n: Option<&Notify>) {
-    match n {
-        Some(n) => n.notified().await,
-        None => std::future::pending().await,
+/// Resolves when local writes need pushing: at once on [`Replica::wrote`], or within a
+/// second when the app wrote without saying so.
+async fn wait_local(n: Option<&Notify>, store: &relais_core::store::Store, seen: u64) {
+    let Some(n) = n else {
+        return std::future::pending().await;
+    };
+    let poll = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if store.last_seq().map(|s| s > seen).unwrap_or(false) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = n.notified() => {}
+        _ = poll => {}
     }
 }
 

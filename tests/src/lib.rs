@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use relais_client::{Replica, Writer};
 
-/// Path to the `relais` binary next to the test executables, built on demand.
+/// Path to the `relais` binary next to the test executables. The first call in each test
+/// process runs `cargo build` for it, so a test never runs against a stale binary (running
+/// only this package's tests would not rebuild the server otherwise).
 pub fn relais_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
@@ -18,13 +21,15 @@ pub fn relais_bin() -> PathBuf {
         .expect("target dir")
         .to_path_buf();
     let bin = dir.join(format!("relais{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "relais-server", "--bin", "relais"])
-            .status()
-            .expect("cargo build relais");
+    BUILT.call_once(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "relais-server", "--bin", "relais"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build relais");
         assert!(status.success(), "building relais failed");
-    }
+    });
     bin
 }
 

@@ -382,3 +382,167 @@ async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
     assert!(server.log().contains("send queue full"));
     drop(slow);
 }
+
+async fn joined(url: &str, token: &str) -> WsStream {
+    let mut ws = raw(url, token).await;
+    ws.send(Ws::Binary(join().into())).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Ws::Binary(b))) => assert!(matches!(Message::decode(&b), Ok(Message::Peer { .. }))),
+        other => panic!("no peer reply: {other:?}"),
+    }
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_is_honoured_and_a_bad_one_is_refused_clearly() {
+    let (dir, data, token) = setup();
+    let cfg = dir.path().join("relais.toml");
+    std::fs::write(&cfg, "max-frame-bytes = 2000\nmax-loaded-docs = 100\n").unwrap();
+    let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let mut ws = joined(&server.url(), &token).await;
+    let _ = ws.send(Ws::Binary(vec![0u8; 3_000].into())).await;
+    let reason = closed_with(&mut ws).await;
+    assert!(!reason.is_empty());
+    drop(server);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = 12\nno-such-option = true\n").unwrap();
+    let out = relais(&[
+        "serve",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid config file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_adds_reference_data_and_revocation_is_immediate() {
+    let (dir, data, admin) = setup();
+    let viewer = create_token(
+        &data,
+        "viewer-1",
+        &["--role", "viewer", "--sites", "SOC-01"],
+    );
+    let server = Server::start(&data, &[]);
+    let site = r#"{"code":"SOC-03","name":"Bandiagara museum","kind":"collective-centre","admin1":"Mopti","admin2":"Bandiagara","admin3":null}"#;
+    assert_eq!(
+        http(server.addr, "POST", "/api/v1/sites", None, Some(site)).0,
+        401
+    );
+    assert_eq!(
+        http(
+            server.addr,
+            "POST",
+            "/api/v1/sites",
+            Some(&viewer),
+            Some(site)
+        )
+        .0,
+        403
+    );
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/api/v1/sites",
+        Some(&admin),
+        Some(site),
+    );
+    assert_eq!(status, 201, "{body}");
+    let bad = r#"{"code":"","name":"x","kind":"official-site","admin1":"Mopti","admin2":"Mopti","admin3":null}"#;
+    assert_eq!(
+        http(
+            server.addr,
+            "POST",
+            "/api/v1/sites",
+            Some(&admin),
+            Some(bad)
+        )
+        .0,
+        422
+    );
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(&admin),
+        Some(r#"{"name":"tab-x","role":"enumerator","sites":["SOC-03"]}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let tab_token = body
+        .split("\"token\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let tab = replica(dir.path(), "tab-x");
+    tab.sync(&server.url(), &tab_token).await.unwrap();
+    assert_eq!(
+        tab.ledger().site("SOC-03").unwrap().unwrap().name,
+        "Bandiagara museum"
+    );
+    assert!(
+        tab.ledger().site("SOC-01").unwrap().is_none(),
+        "out of the tablet's scope"
+    );
+
+    // Revocation closes the live connection at once, and the token never works again.
+    let mut live = joined(&server.url(), &tab_token).await;
+    let (status, _) = http(
+        server.addr,
+        "DELETE",
+        "/api/v1/tokens/tab-x",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(status, 200);
+    let reason = closed_with(&mut live).await;
+    assert!(reason.contains("revoked"), "{reason}");
+    assert!(matches!(
+        tab.sync(&server.url(), &tab_token).await,
+        Err(relais_client::ClientError::Auth(_))
+    ));
+    let (_, list) = http(server.addr, "GET", "/api/v1/tokens", Some(&admin), None);
+    assert!(list.contains("tab-x") && !list.contains(&tab_token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_sockets_with_a_close_frame_and_exits_zero() {
+    let (_dir, data, token) = setup();
+    let server = Server::start(&data, &[]);
+    let mut ws = joined(&server.url(), &token).await;
+    let stopper = tokio::task::spawn_blocking(move || server.stop());
+    let reason = closed_with(&mut ws).await;
+    assert!(reason.contains("shutting down"), "{reason}");
+    assert!(stopper.await.unwrap().success());
+}
+
+#[test]
+fn failed_logins_are_slowed_per_address() {
+    let (_dir, data, token) = setup();
+    let server = Server::start(&data, &[]);
+    let mut codes = Vec::new();
+    for i in 0..12 {
+        codes.push(
+            http(
+                server.addr,
+                "GET",
+                "/api/v1/tokens",
+                Some(&format!("rls_guess{i}")),
+                None,
+            )
+            .0,
+        );
+    }
+    assert!(codes[..10].iter().all(|c| *c == 401), "{codes:?}");
+    assert!(codes[10..].iter().all(|c| *c == 429), "{codes:?}");
+    // Even the right token waits out the window from that address.
+    assert_eq!(
+        http(server.addr, "GET", "/api/v1/tokens", Some(&token), None).0,
+        429
+    );
+}

@@ -222,6 +222,8 @@ pub struct Hub<S: HubStore> {
     clock: u64,
     ephemeral_seen: HashSet<(String, String, u64)>,
     ephemeral_order: VecDeque<(String, String, u64)>,
+    /// Documents whose next outbound sync pushes every change in its first message.
+    optimistic: HashSet<(ConnId, DocumentId)>,
 }
 
 /// Documents an outbound connection syncs at once. A replica with thousands of documents
@@ -245,6 +247,7 @@ impl<S: HubStore> Hub<S> {
             clock: 0,
             ephemeral_seen: HashSet::new(),
             ephemeral_order: VecDeque::new(),
+            optimistic: HashSet::new(),
         }
     }
 
@@ -577,9 +580,21 @@ impl<S: HubStore> Hub<S> {
                 Err(e) => return self.fail(step, conn, format!("local storage error: {e}")),
             };
             let full = page.len() == self.cfg.feed_page;
+            let local_cursor = self.conns[&conn]
+                .outbound
+                .as_ref()
+                .map(|o| o.local_cursor)
+                .unwrap_or(0);
             for e in page {
                 cursor = e.seq;
                 if self.conns[&conn].identity.can_read(&e.meta.info) {
+                    // A stock server may not answer a first message that only announces heads
+                    // for a document it lacks (the reference server with its default share
+                    // policy does not), so documents written since the last sync with it go
+                    // out with their changes at once.
+                    if !ext && e.seq > local_cursor {
+                        self.optimistic.insert((conn, e.id));
+                    }
                     self.start_sync(conn, e.id, step);
                 }
             }
@@ -648,8 +663,17 @@ impl<S: HubStore> Hub<S> {
             o.pushed_since_listing = true;
         }
         // A fresh exchange: whatever was in flight before is recovered by the bloom filters.
+        let optimistic = self.optimistic.remove(&(conn, id));
         if let Some(c) = self.conns.get_mut(&conn) {
             c.syncs.remove(&id);
+            if optimistic {
+                let mut st = sync::State::new();
+                // Assume the remote has nothing: the first message carries every change.
+                st.their_heads = Some(Vec::new());
+                st.their_need = Some(Vec::new());
+                st.their_have = Some(vec![sync::Have::default()]);
+                c.syncs.insert(id, st);
+            }
         }
         self.subscribe(conn, id);
         self.reply(conn, id, step);
