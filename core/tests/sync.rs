@@ -271,3 +271,47 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
     );
     assert_eq!(a, b);
 }
+
+#[test]
+fn announcing_documents_without_content_is_bounded() {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::hub::MAX_EMPTY_ANNOUNCEMENTS;
+    use relais_core::protocol::message::{DocMessage, PeerMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path().join("s.redb")).unwrap());
+    let mut hub = Hub::new(HubConfig::default(), store);
+    hub.connect(S, Identity::admin("flooder"));
+    let join = Message::Join {
+        sender_id: "f".into(),
+        supported_protocol_versions: vec!["1".into()],
+        peer_metadata: PeerMetadata::default(),
+    };
+    assert!(hub.receive(S, &join.encode()).closes.is_empty());
+    let empty = automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .unwrap()
+        .encode();
+    let mut closed = None;
+    for i in 0..=MAX_EMPTY_ANNOUNCEMENTS {
+        let m = Message::Sync(DocMessage {
+            sender_id: "f".into(),
+            target_id: "s".into(),
+            document_id: relais_core::DocumentId::random().to_string(),
+            data: empty.clone(),
+        });
+        let step = hub.receive(S, &m.encode());
+        assert!(step.writes.is_empty());
+        if let Some((_, reason)) = step.closes.into_iter().next() {
+            closed = Some((i, reason));
+            break;
+        }
+    }
+    let (at, reason) = closed.expect("the flood was never stopped");
+    assert_eq!(at, MAX_EMPTY_ANNOUNCEMENTS);
+    assert!(reason.contains("without content"), "{reason}");
+    assert_eq!(
+        hub.stats().loaded_docs,
+        0,
+        "placeholders are dropped with the connection"
+    );
+}

@@ -200,6 +200,9 @@ struct Conn {
     syncs: HashMap<DocumentId, sync::State>,
     subscribed: HashSet<DocumentId>,
     outbound: Option<Outbound>,
+    /// Documents this peer announced (a `sync` for an id the hub did not have) that have
+    /// not received content yet.
+    announced: HashSet<DocumentId>,
 }
 
 /// Counters for metrics.
@@ -230,6 +233,11 @@ pub struct Hub<S: HubStore> {
 /// would otherwise send thousands of requests in one burst, and their replies would pile up
 /// in the server's queue for that connection faster than a 2G link drains it.
 pub const OUTBOUND_WINDOW: usize = 64;
+
+/// Documents one peer may announce (a `sync` for an unknown id) before sending their
+/// content. A client creating documents offline announces each before pushing it; thousands
+/// of announcements without content are a flood, and would hold memory for nothing.
+pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
 
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
@@ -294,6 +302,7 @@ impl<S: HubStore> Hub<S> {
                 syncs: HashMap::new(),
                 subscribed: HashSet::new(),
                 outbound: None,
+                announced: HashSet::new(),
             },
         );
     }
@@ -320,6 +329,7 @@ impl<S: HubStore> Hub<S> {
                 ext: false,
                 syncs: HashMap::new(),
                 subscribed: HashSet::new(),
+                announced: HashSet::new(),
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
@@ -354,6 +364,19 @@ impl<S: HubStore> Hub<S> {
     /// The connection is gone.
     pub fn disconnect(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
+            for d in &c.announced {
+                let empty = self
+                    .docs
+                    .get(d)
+                    .is_some_and(|l| l.doc.get_heads().is_empty());
+                let followed = self
+                    .subs
+                    .get(d)
+                    .is_some_and(|s| s.iter().any(|o| *o != conn));
+                if empty && !followed {
+                    self.docs.remove(d);
+                }
+            }
             for d in c.subscribed {
                 if let Some(s) = self.subs.get_mut(&d) {
                     s.remove(&conn);
@@ -896,6 +919,17 @@ impl<S: HubStore> Hub<S> {
             return self.unavailable(conn, m.document_id, step);
         }
         if !loaded {
+            let c = self.conns.get_mut(&conn).expect("checked");
+            if c.outbound.is_none() {
+                c.announced.insert(id);
+                if c.announced.len() > MAX_EMPTY_ANNOUNCEMENTS {
+                    return self.fail(
+                        step,
+                        conn,
+                        format!("more than {MAX_EMPTY_ANNOUNCEMENTS} documents announced without content"),
+                    );
+                }
+            }
             self.clock += 1;
             self.docs.insert(
                 id,
@@ -969,6 +1003,9 @@ impl<S: HubStore> Hub<S> {
                     .push(DocWrite::from_doc(id, info, &entry.doc, base));
                 entry.persisted = after;
                 step.merges += 1;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.announced.remove(&id);
+                }
                 step.events.push(Event::DocChanged { id });
                 self.subscribe(conn, id);
                 self.relay(id, Some(conn), step);
