@@ -109,16 +109,15 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `POST /api/v1/sites`.
-pub async fn add_site(
-    State(app): State<Arc<App>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Json(site): Json<Site>,
+/// Writes reference data through the server's ledger, then shows it to connected peers.
+async fn write_reference(
+    app: Arc<App>,
+    write: impl FnOnce(&relais_core::ledger::Ledger) -> Result<relais_core::DocumentId, LedgerError>
+        + Send
+        + 'static,
 ) -> Result<Response, ApiError> {
-    admin(&app, addr, &headers)?;
     let a = app.clone();
-    let id = tokio::task::spawn_blocking(move || a.ledger.put_site(&site))
+    let id = tokio::task::spawn_blocking(move || write(&a.ledger))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     app.engine.send(Input::Reload { id }).await;
@@ -129,6 +128,17 @@ pub async fn add_site(
         .into_response())
 }
 
+/// `POST /api/v1/sites`.
+pub async fn add_site(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Json(site): Json<Site>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    write_reference(app, move |l| l.put_site(&site)).await
+}
+
 /// `POST /api/v1/campaigns`.
 pub async fn add_campaign(
     State(app): State<Arc<App>>,
@@ -137,16 +147,7 @@ pub async fn add_campaign(
     Json(campaign): Json<Campaign>,
 ) -> Result<Response, ApiError> {
     admin(&app, addr, &headers)?;
-    let a = app.clone();
-    let id = tokio::task::spawn_blocking(move || a.ledger.put_campaign(&campaign))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    app.engine.send(Input::Reload { id }).await;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": id, "url": id.url() })),
-    )
-        .into_response())
+    write_reference(app, move |l| l.put_campaign(&campaign)).await
 }
 
 /// Body of `POST /api/v1/tokens`.

@@ -23,7 +23,9 @@ pub fn relais_bin() -> PathBuf {
     let bin = dir.join(format!("relais{}", std::env::consts::EXE_SUFFIX));
     BUILT.call_once(|| {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "relais-server", "--bin", "relais"]);
+        // The whole workspace's bins, so features resolve as in `cargo test --workspace`
+        // and nothing is rebuilt when that already built the binary.
+        cmd.args(["build", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -150,6 +152,11 @@ impl Server {
             addr,
             data: data.to_path_buf(),
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The sync URL.

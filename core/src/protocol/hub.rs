@@ -664,16 +664,7 @@ impl<S: HubStore> Hub<S> {
         match self.ensure_loaded(id) {
             Ok(true) => {}
             Ok(false) => {
-                self.clock += 1;
-                self.docs.insert(
-                    id,
-                    LoadedDoc {
-                        doc: Automerge::new(),
-                        info: DocInfo::other(),
-                        persisted: Vec::new(),
-                        last_used: self.clock,
-                    },
-                );
+                self.insert_placeholder(id);
             }
             Err(e) => {
                 tracing::error!(document = %id, error = %e, "cannot load document");
@@ -829,6 +820,20 @@ impl<S: HubStore> Hub<S> {
         DocInfo { regions, ..info }
     }
 
+    /// An empty, unstored document for an id a peer announced or asked for.
+    fn insert_placeholder(&mut self, id: DocumentId) {
+        self.clock += 1;
+        self.docs.insert(
+            id,
+            LoadedDoc {
+                doc: Automerge::new(),
+                info: DocInfo::other(),
+                persisted: Vec::new(),
+                last_used: self.clock,
+            },
+        );
+    }
+
     /// Loads a document into memory if it is stored. `Ok(false)` when unknown.
     fn ensure_loaded(&mut self, id: DocumentId) -> Result<bool, StoreError> {
         self.clock += 1;
@@ -930,16 +935,7 @@ impl<S: HubStore> Hub<S> {
                     );
                 }
             }
-            self.clock += 1;
-            self.docs.insert(
-                id,
-                LoadedDoc {
-                    doc: Automerge::new(),
-                    info: DocInfo::other(),
-                    persisted: Vec::new(),
-                    last_used: self.clock,
-                },
-            );
+            self.insert_placeholder(id);
         }
         let entry = self.docs.get_mut(&id).expect("loaded above");
         let before = entry.doc.get_heads();
