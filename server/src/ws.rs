@@ -22,6 +22,9 @@ use tracing::Instrument;
 use crate::engine::{close_code, Input, Outgoing};
 use crate::App;
 
+/// Initial read and write buffer per WebSocket.
+pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024;
+
 /// `?token=` for browsers that cannot set headers.
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
@@ -56,8 +59,12 @@ pub async fn upgrade(
         Err(rejection) => return rejection.into_response(),
     };
     let limit = app.cfg.max_frame_bytes;
+    // tungstenite's 128 KiB default buffers would cost ~260 KiB per idle tablet; most frames
+    // are a few hundred bytes, and larger ones grow the buffers as needed.
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(SOCKET_BUFFER_BYTES)
+        .write_buffer_size(SOCKET_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("conn", device = %identity.device, peer = %addr);
             connection(app, socket, identity).instrument(span)
