@@ -6,6 +6,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use automerge::ReadDoc;
+
 use common::*;
 use proptest::prelude::*;
 use relais_core::household::HouseholdUpdate;
@@ -103,14 +105,16 @@ proptest! {
         let mut known: Vec<Vec<DocumentId>> = vec![Vec::new(); n];
         // Every successful handout: (household, item) -> number of replicas that recorded it.
         let mut handouts: BTreeMap<(DocumentId, &str), usize> = BTreeMap::new();
-        // Every committed edit: (household, field) -> values written.
-        let mut committed: BTreeSet<(DocumentId, u8, String)> = BTreeSet::new();
+        // Heads of each document right after each committed write, on the replica that wrote.
+        let mut committed: Vec<(DocumentId, Vec<automerge::ChangeHash>)> = Vec::new();
+        let heads = |l: &Ledger, id: DocumentId| l.store().load(id).unwrap().unwrap().doc.get_heads();
 
         for op in &ops {
             match *op {
                 Op::Register { replica, name } => {
                     let id = reps[replica].register(new_household("SOC-01", &format!("H{name}"))).unwrap();
                     known[replica].push(id);
+                    committed.push((id, heads(&reps[replica], id)));
                 }
                 Op::Edit { replica, hh, field, value } => {
                     let Some(&id) = known[replica].get(hh) else { continue };
@@ -121,12 +125,13 @@ proptest! {
                         _ => HouseholdUpdate { displacement_reason: Some(v.clone()), ..Default::default() },
                     };
                     reps[replica].update(id, &u).unwrap();
-                    committed.insert((id, field, v));
+                    committed.push((id, heads(&reps[replica], id)));
                 }
                 Op::Distribute { replica, hh, item } => {
                     let Some(&id) = known[replica].get(hh) else { continue };
                     if reps[replica].distribute(id, "JP-2023", ITEMS[item], 1).is_ok() {
                         *handouts.entry((id, ITEMS[item])).or_default() += 1;
+                        committed.push((id, heads(&reps[replica], id)));
                     }
                 }
                 Op::Merge { from, to } => {
@@ -146,14 +151,17 @@ proptest! {
         let want = snapshot(&reps[hub]);
         for r in &reps { prop_assert_eq!(&snapshot(r), &want); }
 
-        // No committed edit lost: each written value is either the visible value or kept as
-        // a conflict, or was later overwritten on a replica that had seen it.
-        let l = &reps[hub];
-        for (id, field, _v) in &committed {
-            let view = l.household(*id).unwrap();
-            let visible = match field { 0 => &view.household.origin, 1 => &view.household.contact, _ => &view.household.displacement_reason };
-            prop_assert!(visible.is_some());
+        // No committed change lost: every change any replica committed is in the merged
+        // document on every replica.
+        for r in &reps {
+            for (id, hs) in &committed {
+                let doc = r.store().load(*id).unwrap().unwrap().doc;
+                for h in hs {
+                    prop_assert!(doc.get_change_by_hash(h).is_some(), "change {} of {} lost", h, id);
+                }
+            }
         }
+        let l = &reps[hub];
         // Doubles reported exactly where two replicas each recorded the same handout.
         let reported: BTreeSet<(DocumentId, String)> = l.double_distributions().unwrap()
             .into_iter().map(|d| (d.household, d.slot.item)).collect();
