@@ -315,3 +315,76 @@ fn announcing_documents_without_content_is_bounded() {
         "placeholders are dropped with the connection"
     );
 }
+
+#[test]
+fn a_household_moving_out_of_scope_is_purged_from_a_live_relais_client_only() {
+    use automerge::sync::SyncDoc;
+    use relais_core::household::HouseholdUpdate;
+    use relais_core::protocol::message::{DocMessage, PeerMetadata, PROTOCOL_RELAIS};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office.register(new_household("SOC-01", "Moving")).unwrap();
+    let mut hub = Hub::new(HubConfig::default(), office.store_arc());
+    let mopti = |device: &str| Identity {
+        device: device.into(),
+        role: Role::Enumerator,
+        scope: Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        },
+    };
+    let empty = automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .unwrap()
+        .encode();
+    // A Relais client (conn 1) and a stock client (conn 2) follow the household.
+    for (conn, versions) in [
+        (1u64, vec!["1".to_string(), PROTOCOL_RELAIS.to_string()]),
+        (2, vec!["1".to_string()]),
+    ] {
+        hub.connect(conn, mopti(&format!("tab-{conn}")));
+        let join = Message::Join {
+            sender_id: format!("p{conn}"),
+            supported_protocol_versions: versions,
+            peer_metadata: PeerMetadata::default(),
+        };
+        hub.receive(conn, &join.encode());
+        let req = Message::Request(DocMessage {
+            sender_id: format!("p{conn}"),
+            target_id: "s".into(),
+            document_id: h.to_string(),
+            data: empty.clone(),
+        });
+        let step = hub.receive(conn, &req.encode());
+        assert!(matches!(
+            Message::decode(&step.sends[0].1).unwrap(),
+            Message::Sync(_)
+        ));
+    }
+    // The office moves it to Gao.
+    office
+        .update(
+            h,
+            &HouseholdUpdate {
+                site: Some("GAO-01".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let step = hub.reload(h);
+    let to = |conn: u64| -> Vec<Message> {
+        step.sends
+            .iter()
+            .filter(|(c, _)| *c == conn)
+            .map(|(_, f)| Message::decode(f).unwrap())
+            .collect()
+    };
+    assert!(
+        matches!(to(1).as_slice(), [Message::Changes { purge, .. }] if purge == &vec![h.to_string()])
+    );
+    assert!(
+        to(2).is_empty(),
+        "a stock client gets neither the change nor an extension message"
+    );
+}

@@ -1127,19 +1127,24 @@ impl<S: HubStore> Hub<S> {
                 }
                 self.reply(*other, id, step);
             } else {
-                // The document left this peer's scope (a household moved).
-                let peer = self.conns[other].peer_id.clone();
-                step.send(
-                    *other,
-                    &Message::Changes {
-                        sender_id: self.cfg.peer_id.clone(),
-                        target_id: peer,
-                        docs: Vec::new(),
-                        cursor: 0,
-                        more: false,
-                        purge: vec![id.to_string()],
-                    },
-                );
+                // The document left this peer's scope (a household moved): it hears nothing
+                // more of it, and a Relais client is told to delete its copy. Stock clients
+                // never see extension messages.
+                let c = &self.conns[other];
+                if c.ext && c.outbound.is_none() {
+                    let peer = c.peer_id.clone();
+                    step.send(
+                        *other,
+                        &Message::Changes {
+                            sender_id: self.cfg.peer_id.clone(),
+                            target_id: peer,
+                            docs: Vec::new(),
+                            cursor: 0,
+                            more: false,
+                            purge: vec![id.to_string()],
+                        },
+                    );
+                }
                 self.unsubscribe(*other, id);
             }
         }
