@@ -10,6 +10,7 @@
 //! | `feed` | sequence | document id, one entry per document: its latest write |
 //! | `by_site` | (site code, document id) | nothing: which documents belong to a site |
 //! | `meta` | name | small values (this replica's actor id, cursors) |
+//! | `sync_states` | (peer key, document id) | automerge's encoded `sync::State` for a peer that keeps its own storage |
 //!
 //! A write appends the bytes `save_after(stored heads)` as a chunk; it costs what changed, not
 //! what the document holds. Once a document has [`COMPACT_AFTER_CHUNKS`] chunks, the same
@@ -42,6 +43,7 @@ const CHUNKS: TableDefinition<([u8; 16], u32), &[u8]> = TableDefinition::new("ch
 const FEED: TableDefinition<u64, [u8; 16]> = TableDefinition::new("feed");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const BY_SITE: TableDefinition<(&str, [u8; 16]), ()> = TableDefinition::new("by_site");
+const SYNC_STATES: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::new("sync_states");
 
 /// A document is compacted into one snapshot once it has this many incremental chunks. Small
 /// enough that loading a busy document stays cheap, large enough that compaction (a full
@@ -269,6 +271,7 @@ impl Store {
         txn.open_table(FEED)?;
         txn.open_table(META)?;
         txn.open_table(BY_SITE)?;
+        txn.open_table(SYNC_STATES)?;
         txn.commit()?;
         Ok(Store { db, path })
     }
@@ -558,6 +561,33 @@ impl Store {
             out.push(DocumentId::from_bytes(k.value().1));
         }
         Ok(out)
+    }
+
+    /// Saves encoded sync states, keyed by peer and document, in one transaction.
+    pub fn put_sync_states(
+        &self,
+        states: &[(String, DocumentId, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(SYNC_STATES)?;
+            for (peer, id, bytes) in states {
+                t.insert((peer.as_str(), *id.as_bytes()), bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The saved sync state of a peer for a document.
+    pub fn sync_state(&self, peer: &str, id: DocumentId) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SYNC_STATES)?;
+        let v = t.get((peer, *id.as_bytes()))?.map(|g| g.value().to_vec());
+        Ok(v)
     }
 
     /// Reads a small named value.

@@ -388,3 +388,100 @@ fn a_household_moving_out_of_scope_is_purged_from_a_live_relais_client_only() {
         "a stock client gets neither the change nor an extension message"
     );
 }
+
+#[test]
+fn a_returning_stock_peer_resumes_from_its_saved_sync_state() {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::message::{DocMessage, PeerMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office.register(new_household("SOC-01", "Resume")).unwrap();
+    let store = office.store_arc();
+    let mut hub = Hub::new(HubConfig::default(), store.clone());
+    let join = |sid: &str| {
+        Message::Join {
+            sender_id: "js".into(),
+            supported_protocol_versions: vec!["1".into()],
+            peer_metadata: PeerMetadata {
+                storage_id: Some(sid.into()),
+                is_ephemeral: false,
+            },
+        }
+        .encode()
+    };
+    // A JS-like peer with its own automerge document syncs the household to completion.
+    let mut doc = automerge::Automerge::new();
+    let mut st = automerge::sync::State::new();
+    let run = |hub: &mut Hub<Arc<Store>>,
+               conn: u64,
+               doc: &mut automerge::Automerge,
+               st: &mut automerge::sync::State|
+     -> Vec<automerge::sync::Message> {
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let Some(out) = doc.generate_sync_message(st) else {
+                break;
+            };
+            let m = Message::Sync(DocMessage {
+                sender_id: "js".into(),
+                target_id: "s".into(),
+                document_id: h.to_string(),
+                data: out.encode(),
+            });
+            let step = hub.receive(conn, &m.encode());
+            store.write(&step.writes).unwrap();
+            for (_, f) in step.sends {
+                if let Message::Sync(d) = Message::decode(&f).unwrap() {
+                    let msg = automerge::sync::Message::decode(&d.data).unwrap();
+                    got.push(msg.clone());
+                    doc.receive_sync_message(st, msg).unwrap();
+                }
+            }
+        }
+        got
+    };
+    hub.connect(1, Identity::admin("tab-js"));
+    hub.receive(1, &join("storage-1"));
+    run(&mut hub, 1, &mut doc, &mut st);
+    assert_eq!(
+        doc.get_heads(),
+        store.load(h).unwrap().unwrap().doc.get_heads()
+    );
+    hub.disconnect(1);
+    store.put_sync_states(&hub.take_sync_states()).unwrap();
+
+    // Offline edits the server does not know: a fresh state would make the server start
+    // from nothing (its bloom filter over every change of the document).
+    let mut away = doc.fork();
+    {
+        use automerge::transaction::Transactable;
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "offline", 1).unwrap();
+        tx.commit();
+        let mut tx = away.transaction();
+        tx.put(automerge::ROOT, "elsewhere", 2).unwrap();
+        tx.commit();
+    }
+    // Same device and storage id: the server's first reply starts from the shared heads.
+    hub.connect(2, Identity::admin("tab-js"));
+    hub.receive(2, &join("storage-1"));
+    let mut st2 = automerge::sync::State::new();
+    let replies = run(&mut hub, 2, &mut doc, &mut st2);
+    assert!(
+        !replies[0].have.is_empty() && !replies[0].have[0].last_sync.is_empty(),
+        "{:?}",
+        replies[0].have
+    );
+
+    // Another device declaring the same storage id gets nothing saved.
+    hub.connect(3, Identity::admin("other-device"));
+    hub.receive(3, &join("storage-1"));
+    let mut st3 = automerge::sync::State::new();
+    let replies = run(&mut hub, 3, &mut away, &mut st3);
+    assert!(
+        replies[0].have.iter().all(|h| h.last_sync.is_empty()),
+        "{:?}",
+        replies[0].have
+    );
+}

@@ -258,6 +258,11 @@ fn run(
             }
         }
         hub.evict();
+        let states = hub.take_sync_states();
+        if let Err(e) = store.put_sync_states(&states) {
+            // Only a cost: the peer's next session starts its exchange from scratch.
+            tracing::warn!(error = %e, "could not save sync states");
+        }
         let now = Instant::now();
         for at in arrivals {
             metrics

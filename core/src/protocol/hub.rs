@@ -43,6 +43,10 @@ pub trait HubStore {
     fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError>;
     /// The latest feed sequence.
     fn last_seq(&self) -> Result<u64, StoreError>;
+    /// A peer's saved sync state for a document (see [`Hub::take_sync_states`]).
+    fn sync_state(&self, _peer: &str, _id: DocumentId) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl HubStore for Store {
@@ -58,6 +62,9 @@ impl HubStore for Store {
     fn last_seq(&self) -> Result<u64, StoreError> {
         Store::last_seq(self)
     }
+    fn sync_state(&self, peer: &str, id: DocumentId) -> Option<Vec<u8>> {
+        Store::sync_state(self, peer, id).ok().flatten()
+    }
 }
 
 impl<T: HubStore> HubStore for std::sync::Arc<T> {
@@ -72,6 +79,9 @@ impl<T: HubStore> HubStore for std::sync::Arc<T> {
     }
     fn last_seq(&self) -> Result<u64, StoreError> {
         (**self).last_seq()
+    }
+    fn sync_state(&self, peer: &str, id: DocumentId) -> Option<Vec<u8>> {
+        (**self).sync_state(peer, id)
     }
 }
 
@@ -203,6 +213,9 @@ struct Conn {
     /// Documents this peer announced (a `sync` for an id the hub did not have) that have
     /// not received content yet.
     announced: HashSet<DocumentId>,
+    /// Key under which this peer's sync states are saved: its device (from its token) and
+    /// the storage id it declared. `None` for ephemeral peers and outbound connections.
+    state_key: Option<String>,
 }
 
 /// Counters for metrics.
@@ -227,6 +240,8 @@ pub struct Hub<S: HubStore> {
     ephemeral_order: VecDeque<(String, String, u64)>,
     /// Documents whose next outbound sync pushes every change in its first message.
     optimistic: HashSet<(ConnId, DocumentId)>,
+    /// Sync states to save for peers that keep their own storage.
+    saved_states: Vec<(String, DocumentId, Vec<u8>)>,
 }
 
 /// Documents an outbound connection syncs at once. A replica with thousands of documents
@@ -256,6 +271,7 @@ impl<S: HubStore> Hub<S> {
             ephemeral_seen: HashSet::new(),
             ephemeral_order: VecDeque::new(),
             optimistic: HashSet::new(),
+            saved_states: Vec::new(),
         }
     }
 
@@ -303,6 +319,7 @@ impl<S: HubStore> Hub<S> {
                 subscribed: HashSet::new(),
                 outbound: None,
                 announced: HashSet::new(),
+                state_key: None,
             },
         );
     }
@@ -330,6 +347,7 @@ impl<S: HubStore> Hub<S> {
                 syncs: HashMap::new(),
                 subscribed: HashSet::new(),
                 announced: HashSet::new(),
+                state_key: None,
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
@@ -364,6 +382,11 @@ impl<S: HubStore> Hub<S> {
     /// The connection is gone.
     pub fn disconnect(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
+            if let Some(key) = &c.state_key {
+                for (id, st) in &c.syncs {
+                    self.saved_states.push((key.clone(), *id, st.encode()));
+                }
+            }
             for d in &c.announced {
                 let empty = self
                     .docs
@@ -434,10 +457,18 @@ impl<S: HubStore> Hub<S> {
             Message::Join {
                 sender_id,
                 supported_protocol_versions,
-                ..
+                peer_metadata,
             } if !outbound => {
                 if phase_ready {
                     return self.fail(step, conn, "join sent twice".into());
+                }
+                if let (Some(storage), false) =
+                    (&peer_metadata.storage_id, peer_metadata.is_ephemeral)
+                {
+                    // Keyed by the device from its token too: a peer cannot load, or spoil,
+                    // another device's sync state by declaring its storage id.
+                    let c = self.conns.get_mut(&conn).expect("checked");
+                    c.state_key = Some(format!("{}\u{1f}{storage}", c.identity.device));
                 }
                 self.join(conn, sender_id, supported_protocol_versions, step);
             }
@@ -820,6 +851,35 @@ impl<S: HubStore> Hub<S> {
         DocInfo { regions, ..info }
     }
 
+    /// Makes sure a connection has a sync state for a document: the one saved from this
+    /// peer's last session when there is one (so a reconnect does not start the bloom-filter
+    /// exchange from scratch), else a fresh one.
+    fn ensure_state(&mut self, conn: ConnId, id: DocumentId, can_write: bool) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if c.syncs.contains_key(&id) {
+            return;
+        }
+        let saved = c
+            .state_key
+            .as_deref()
+            .and_then(|k| self.store.sync_state(k, id))
+            .and_then(|b| sync::State::decode(&b).ok());
+        let mut state = saved.unwrap_or_default();
+        state.set_read_only(!can_write);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.syncs.insert(id, state);
+        }
+    }
+
+    /// Sync states of peers that keep their own storage, to be saved by the adapter (after
+    /// a disconnect or an eviction). Only the shared heads are kept, which both sides have
+    /// acknowledged, so a saved state never claims a change the peer did not confirm.
+    pub fn take_sync_states(&mut self) -> Vec<(String, DocumentId, Vec<u8>)> {
+        std::mem::take(&mut self.saved_states)
+    }
+
     /// An empty, unstored document for an id a peer announced or asked for.
     fn insert_placeholder(&mut self, id: DocumentId) {
         self.clock += 1;
@@ -937,20 +997,17 @@ impl<S: HubStore> Hub<S> {
             }
             self.insert_placeholder(id);
         }
+        let can_write = !known || identity.can_write(&self.docs[&id].info);
+        self.ensure_state(conn, id, can_write);
         let entry = self.docs.get_mut(&id).expect("loaded above");
         let before = entry.doc.get_heads();
-        let can_write = !known || identity.can_write(&entry.info);
         let state = self
             .conns
             .get_mut(&conn)
             .expect("checked")
             .syncs
-            .entry(id)
-            .or_insert_with(|| {
-                let mut s = sync::State::new();
-                s.set_read_only(!can_write);
-                s
-            });
+            .get_mut(&id)
+            .expect("ensured");
         // Apply to a fork: a change refused below then leaves nothing behind.
         let mut candidate = if sync_msg.changes.is_empty() {
             None
@@ -1077,18 +1134,14 @@ impl<S: HubStore> Hub<S> {
     /// Generates the next sync message for `conn` about `id`, if any. Returns whether one
     /// was sent.
     fn reply(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) -> bool {
-        let Some(entry) = self.docs.get(&id) else {
-            return false;
-        };
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let (Some(entry), Some(c)) = (self.docs.get(&id), self.conns.get(&conn)) else {
             return false;
         };
         let can_write = c.outbound.is_some() || c.identity.can_write(&entry.info);
-        let state = c.syncs.entry(id).or_insert_with(|| {
-            let mut s = sync::State::new();
-            s.set_read_only(!can_write);
-            s
-        });
+        self.ensure_state(conn, id, can_write);
+        let entry = &self.docs[&id];
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let state = c.syncs.get_mut(&id).expect("ensured");
         let Some(msg) = entry.doc.generate_sync_message(state) else {
             return false;
         };
@@ -1392,7 +1445,9 @@ impl<S: HubStore> Hub<S> {
             if let Some(conns) = self.subs.get(&id) {
                 for c in conns {
                     if let Some(conn) = self.conns.get_mut(c) {
-                        conn.syncs.remove(&id);
+                        if let (Some(st), Some(key)) = (conn.syncs.remove(&id), &conn.state_key) {
+                            self.saved_states.push((key.clone(), id, st.encode()));
+                        }
                     }
                 }
             }
