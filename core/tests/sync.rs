@@ -485,3 +485,98 @@ fn a_returning_stock_peer_resumes_from_its_saved_sync_state() {
         replies[0].have
     );
 }
+
+#[test]
+fn a_viewers_changes_are_neither_stored_nor_relayed() {
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::Transactable;
+    use relais_core::protocol::message::{DocMessage, PeerMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office.register(new_household("SOC-01", "Viewed")).unwrap();
+    let store = office.store_arc();
+    let before = store.load(h).unwrap().unwrap().meta.heads;
+    let mut hub = Hub::new(HubConfig::default(), store.clone());
+    let viewer = Identity {
+        device: "viewer-1".into(),
+        role: Role::Viewer,
+        scope: Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        },
+    };
+    // A second, writing peer follows the household: it must hear nothing.
+    hub.connect(1, viewer);
+    hub.connect(2, Identity::admin("office-tab"));
+    for conn in [1u64, 2] {
+        let join = Message::Join {
+            sender_id: format!("p{conn}"),
+            supported_protocol_versions: vec!["1".into()],
+            peer_metadata: PeerMetadata::default(),
+        };
+        hub.receive(conn, &join.encode());
+    }
+    // The viewer reads the household, then edits its copy and pushes.
+    let mut doc = store.load(h).unwrap().unwrap().doc.fork();
+    let mut st = automerge::sync::State::new();
+    let mut follower = automerge::Automerge::new();
+    let mut fst = automerge::sync::State::new();
+    for _ in 0..4 {
+        if let Some(m) = follower.generate_sync_message(&mut fst) {
+            let msg = Message::Sync(DocMessage {
+                sender_id: "p2".into(),
+                target_id: "s".into(),
+                document_id: h.to_string(),
+                data: m.encode(),
+            });
+            for (_, f) in hub.receive(2, &msg.encode()).sends {
+                if let Message::Sync(d) = Message::decode(&f).unwrap() {
+                    follower
+                        .receive_sync_message(
+                            &mut fst,
+                            automerge::sync::Message::decode(&d.data).unwrap(),
+                        )
+                        .unwrap();
+                }
+            }
+        }
+    }
+    {
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "tampered", true).unwrap();
+        tx.commit();
+    }
+    for _ in 0..6 {
+        let Some(m) = doc.generate_sync_message(&mut st) else {
+            break;
+        };
+        let msg = Message::Sync(DocMessage {
+            sender_id: "p1".into(),
+            target_id: "s".into(),
+            document_id: h.to_string(),
+            data: m.encode(),
+        });
+        let step = hub.receive(1, &msg.encode());
+        assert!(step.writes.is_empty(), "a viewer's change was stored");
+        assert!(
+            step.sends.iter().all(|(c, _)| *c == 1),
+            "a viewer's change was relayed"
+        );
+        for (_, f) in step.sends {
+            if let Message::Sync(d) = Message::decode(&f).unwrap() {
+                doc.receive_sync_message(
+                    &mut st,
+                    automerge::sync::Message::decode(&d.data).unwrap(),
+                )
+                .unwrap();
+            }
+        }
+    }
+    assert_eq!(store.load(h).unwrap().unwrap().meta.heads, before);
+    assert!(
+        automerge::ReadDoc::get(&follower, automerge::ROOT, "tampered")
+            .unwrap()
+            .is_none()
+    );
+}

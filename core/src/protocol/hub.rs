@@ -998,6 +998,10 @@ impl<S: HubStore> Hub<S> {
             self.insert_placeholder(id);
         }
         let can_write = !known || identity.can_write(&self.docs[&id].info);
+        if !can_write && !sync_msg.changes.is_empty() {
+            // The read-only sync state drops them; say so in the log.
+            tracing::warn!(device = %identity.device, document = %id, "refused changes from a read-only device");
+        }
         self.ensure_state(conn, id, can_write);
         let entry = self.docs.get_mut(&id).expect("loaded above");
         let before = entry.doc.get_heads();
