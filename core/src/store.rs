@@ -26,7 +26,6 @@
 //! document's previous entry, so "what changed since N" is one range scan whose length is the
 //! number of documents changed, not the number of writes.
 
-use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -334,6 +333,10 @@ impl Store {
                     .map(|g| decode_meta(w.id, g.value()))
                     .transpose()?;
                 let new_heads = hex_heads(&w.heads);
+                let old_sites = old
+                    .as_ref()
+                    .map(|m| m.info.sites.clone())
+                    .unwrap_or_default();
                 let mut meta = match old {
                     Some(old) => {
                         if old.heads == new_heads && old.info == w.info {
@@ -344,11 +347,11 @@ impl Store {
                         if !w.data.is_empty() {
                             chunks.insert((key, old.chunks), w.data.as_slice())?;
                         }
-                        let mut m = old.clone();
+                        let mut m = old;
                         if !w.data.is_empty() {
                             m.chunks += 1;
                         }
-                        if hex_heads(&w.base_heads) == old.heads {
+                        if hex_heads(&w.base_heads) == m.heads {
                             m.heads = new_heads;
                         } else {
                             // The writer saved from an older view: the stored heads are the
@@ -371,8 +374,8 @@ impl Store {
                         }
                     }
                 };
-                if old_sites(&docs, w.id)? != w.info.sites {
-                    for s in old_sites(&docs, w.id)? {
+                if old_sites != w.info.sites {
+                    for s in &old_sites {
                         by_site.remove((s.as_str(), key))?;
                     }
                     for s in &w.info.sites {
@@ -605,30 +608,6 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
-
-    /// Ids of documents whose stored heads differ from `heads` (a helper for sync: which of
-    /// these does this store not already have exactly).
-    pub fn heads_differ(&self, id: DocumentId, heads: &[ChangeHash]) -> Result<bool, StoreError> {
-        Ok(match self.meta(id)? {
-            Some(m) => {
-                let mine: BTreeSet<String> = m.heads.into_iter().collect();
-                let theirs: BTreeSet<String> = heads.iter().map(|h| h.to_string()).collect();
-                mine != theirs
-            }
-            None => true,
-        })
-    }
-}
-
-/// The sites a document is indexed under now (before this write).
-fn old_sites(
-    docs: &impl ReadableTable<[u8; 16], &'static [u8]>,
-    id: DocumentId,
-) -> Result<Vec<String>, StoreError> {
-    Ok(match docs.get(id.as_bytes())? {
-        Some(g) => decode_meta(id, g.value())?.info.sites,
-        None => Vec::new(),
-    })
 }
 
 fn assemble(

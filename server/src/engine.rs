@@ -269,7 +269,7 @@ fn run(
                 .sync_latency
                 .observe(now.duration_since(at).as_secs_f64());
         }
-        metrics.loaded_documents.set(hub.stats().loaded_docs as i64);
+        metrics.loaded_documents.set(hub.loaded_docs() as i64);
     }
     tracing::debug!("engine stopped");
 }

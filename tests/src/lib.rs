@@ -107,6 +107,16 @@ pub fn seed_reference(data: &Path) {
     ]);
 }
 
+/// A temporary directory holding a server data directory (`srv`) seeded with the reference
+/// sites and campaign, and an admin token for it.
+pub fn seeded_data_dir() -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("srv");
+    seed_reference(&data);
+    let token = create_token(&data, "admin", &["--role", "admin"]);
+    (dir, data, token)
+}
+
 /// A running `relais serve` process.
 pub struct Server {
     child: Child,

@@ -13,14 +13,6 @@ use relais_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn setup() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("srv");
-    seed_reference(&data);
-    let token = create_token(&data, "admin", &["--role", "admin"]);
-    (dir, data, token)
-}
-
 /// A TCP proxy that forwards both ways and cuts every connection once `budget` bytes
 /// (both directions together) have passed.
 async fn cutting_proxy(target: SocketAddr, budget: usize) -> SocketAddr {
@@ -69,7 +61,7 @@ async fn pipe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_cut_after_k_bytes_completes_on_retry_with_nothing_lost() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     // What a clean push of 12 households costs.
     let reference = replica(dir.path(), "reference");
@@ -150,7 +142,7 @@ fn child_replica_writer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_write_keeps_every_completed_write() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     // Provision the replica so that it knows the site.
     replica(dir.path(), "tab")
@@ -195,7 +187,7 @@ async fn a_replica_killed_mid_write_keeps_every_completed_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_documents_reconnect_with_four_small_frames() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let tab = replica(dir.path(), "tab");
     tab.sync(&server.url(), &token).await.unwrap();
@@ -224,7 +216,7 @@ async fn five_thousand_documents_reconnect_with_four_small_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_sync_pushes_local_writes_and_notifies_subscribers() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let a = Arc::new(replica(dir.path(), "a"));
     let b = Arc::new(replica(dir.path(), "b"));
@@ -268,7 +260,7 @@ async fn background_sync_pushes_local_writes_and_notifies_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_typed() {
-    let (dir, data, _token) = setup();
+    let (dir, data, _token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let r = replica(dir.path(), "tab");
     assert!(matches!(

@@ -9,17 +9,9 @@ use relais_tests::*;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message as Ws};
 
-fn setup() -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("srv");
-    seed_reference(&data);
-    let token = create_token(&data, "admin", &["--role", "admin"]);
-    (dir, data, token)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_devices_converge_and_a_double_handout_shows_on_both() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let a = replica(dir.path(), "tab-a");
     let b = replica(dir.path(), "tab-b");
@@ -76,7 +68,7 @@ async fn two_devices_converge_and_a_double_handout_shows_on_both() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_lose_nothing_that_was_acknowledged() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let a = replica(dir.path(), "tab-a");
     let b = replica(dir.path(), "tab-b");
     let server = Server::start(&data, &[]);
@@ -124,7 +116,7 @@ async fn ws_status(url: &str, token: Option<&str>) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_unknown_token_is_401_before_any_protocol() {
-    let (_dir, data, token) = setup();
+    let (_dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     assert_eq!(ws_status(&server.url(), None).await, 401);
     assert_eq!(ws_status(&server.url(), Some("rls_not-a-token")).await, 401);
@@ -182,7 +174,7 @@ async fn closed_with(ws: &mut WsStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_closes_only_that_connection() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &["--max-frame-bytes", "65536"]);
     let good = replica(dir.path(), "good");
     good.sync(&server.url(), &token).await.unwrap();
@@ -301,7 +293,7 @@ async fn hostile_input_closes_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     // Big documents, so that the stalled reader's socket buffers fill.
     {
         let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
@@ -395,7 +387,7 @@ async fn joined(url: &str, token: &str) -> WsStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_is_honoured_and_a_bad_one_is_refused_clearly() {
-    let (dir, data, token) = setup();
+    let (dir, data, token) = seeded_data_dir();
     let cfg = dir.path().join("relais.toml");
     std::fs::write(&cfg, "max-frame-bytes = 2000\nmax-loaded-docs = 100\n").unwrap();
     let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
@@ -420,7 +412,7 @@ async fn config_file_is_honoured_and_a_bad_one_is_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_adds_reference_data_and_revocation_is_immediate() {
-    let (dir, data, admin) = setup();
+    let (dir, data, admin) = seeded_data_dir();
     let viewer = create_token(
         &data,
         "viewer-1",
@@ -512,7 +504,7 @@ async fn admin_api_adds_reference_data_and_revocation_is_immediate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_sockets_with_a_close_frame_and_exits_zero() {
-    let (_dir, data, token) = setup();
+    let (_dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let mut ws = joined(&server.url(), &token).await;
     let stopper = tokio::task::spawn_blocking(move || server.stop());
@@ -523,7 +515,7 @@ async fn sigterm_closes_sockets_with_a_close_frame_and_exits_zero() {
 
 #[test]
 fn failed_logins_are_slowed_per_address() {
-    let (_dir, data, token) = setup();
+    let (_dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let mut codes = Vec::new();
     for i in 0..12 {

@@ -85,6 +85,32 @@ fn bounded(d: &Decoder<'_>, n: u64) -> Result<usize, DecodeError> {
     Ok(n as usize)
 }
 
+/// Reads the entries of an array or map, definite (`Some(n)`) or indefinite (until break).
+fn items<T>(
+    d: &mut Decoder<'_>,
+    len: Option<u64>,
+    mut item: impl FnMut(&mut Decoder<'_>) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    let mut out = Vec::new();
+    match len {
+        Some(n) => {
+            let n = bounded(d, n)?;
+            out.reserve(n);
+            for _ in 0..n {
+                out.push(item(d)?);
+            }
+        }
+        None => loop {
+            if d.datatype().map_err(cbor_err)? == Type::Break {
+                d.skip().map_err(cbor_err)?;
+                break;
+            }
+            out.push(item(d)?);
+        },
+    }
+    Ok(out)
+}
+
 fn value(d: &mut Decoder<'_>, depth: usize) -> Result<Value, DecodeError> {
     if depth > MAX_DEPTH {
         return Err(DecodeError::TooDeep);
@@ -131,49 +157,13 @@ fn value(d: &mut Decoder<'_>, depth: usize) -> Result<Value, DecodeError> {
         }
         Type::Array | Type::ArrayIndef => {
             let len = d.array().map_err(cbor_err)?;
-            let mut out = Vec::new();
-            match len {
-                Some(n) => {
-                    let n = bounded(d, n)?;
-                    out.reserve(n);
-                    for _ in 0..n {
-                        out.push(value(d, depth + 1)?);
-                    }
-                }
-                None => loop {
-                    if d.datatype().map_err(cbor_err)? == Type::Break {
-                        d.skip().map_err(cbor_err)?;
-                        break;
-                    }
-                    out.push(value(d, depth + 1)?);
-                },
-            }
-            Value::Array(out)
+            Value::Array(items(d, len, |d| value(d, depth + 1))?)
         }
         Type::Map | Type::MapIndef => {
             let len = d.map().map_err(cbor_err)?;
-            let mut out = Vec::new();
-            match len {
-                Some(n) => {
-                    let n = bounded(d, n)?;
-                    out.reserve(n);
-                    for _ in 0..n {
-                        let k = value(d, depth + 1)?;
-                        let v = value(d, depth + 1)?;
-                        out.push((k, v));
-                    }
-                }
-                None => loop {
-                    if d.datatype().map_err(cbor_err)? == Type::Break {
-                        d.skip().map_err(cbor_err)?;
-                        break;
-                    }
-                    let k = value(d, depth + 1)?;
-                    let v = value(d, depth + 1)?;
-                    out.push((k, v));
-                },
-            }
-            Value::Map(out)
+            Value::Map(items(d, len, |d| {
+                Ok((value(d, depth + 1)?, value(d, depth + 1)?))
+            })?)
         }
         // Typed-array and other tags: the tagged value is what matters.
         Type::Tag => {
@@ -669,16 +659,6 @@ impl Message {
         Ok(())
     }
 
-    /// The document a message is about, if any.
-    pub fn document_id(&self) -> Option<&str> {
-        match self {
-            Message::Request(m) | Message::Sync(m) => Some(&m.document_id),
-            Message::DocUnavailable { document_id, .. }
-            | Message::Ephemeral { document_id, .. } => Some(document_id),
-            _ => None,
-        }
-    }
-
     /// The message's `type` string.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -805,6 +785,29 @@ mod tests {
                 },
             }
         );
+    }
+
+    #[test]
+    fn accepts_indefinite_maps_and_arrays() {
+        let mut e = Encoder::new(Vec::new());
+        e.begin_map().unwrap();
+        e.str("type").unwrap().str("join").unwrap();
+        e.str("senderId").unwrap().str("p").unwrap();
+        e.str("supportedProtocolVersions")
+            .unwrap()
+            .begin_array()
+            .unwrap();
+        e.str("1").unwrap().end().unwrap();
+        e.end().unwrap();
+        match Message::decode(&e.into_writer()).unwrap() {
+            Message::Join {
+                supported_protocol_versions,
+                ..
+            } => assert_eq!(supported_protocol_versions, vec!["1".to_string()]),
+            other => panic!("{other:?}"),
+        }
+        // An indefinite map that never ends is truncated input, not a hang or a panic.
+        assert!(Message::decode(&[0xbf, 0x64, b't', b'y', b'p', b'e']).is_err());
     }
 
     #[test]
