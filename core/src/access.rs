@@ -74,6 +74,25 @@ impl Scope {
         self.regions.is_empty() && self.sites.is_empty()
     }
 
+    /// Everything either scope covers.
+    pub fn union(&self, other: &Scope) -> Scope {
+        if self.is_all() || other.is_all() {
+            return Scope::all();
+        }
+        let mut out = self.clone();
+        for r in &other.regions {
+            if !out.regions.contains(r) {
+                out.regions.push(r.clone());
+            }
+        }
+        for s in &other.sites {
+            if !out.sites.contains(s) {
+                out.sites.push(s.clone());
+            }
+        }
+        out
+    }
+
     /// True when a document with this description falls in the scope.
     pub fn covers(&self, info: &DocInfo) -> bool {
         if self.is_all() {
@@ -97,6 +116,19 @@ pub struct Identity {
     pub role: Role,
     /// Scope.
     pub scope: Scope,
+    /// The token's scope was changed: what it covered before, so that a device listing
+    /// changes from before the change is told to purge what it may no longer hold.
+    pub former: Option<FormerScope>,
+}
+
+/// What a token covered before its scope last changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormerScope {
+    /// Everything the token ever covered before the change.
+    pub scope: Scope,
+    /// The server's feed sequence when the scope changed: a device whose cursor is older
+    /// gets a full listing.
+    pub seq: u64,
 }
 
 impl Identity {
@@ -106,6 +138,7 @@ impl Identity {
             device: device.into(),
             role: Role::Admin,
             scope: Scope::all(),
+            former: None,
         }
     }
 
@@ -142,6 +175,7 @@ mod tests {
                 regions: vec![],
                 sites: vec!["SOC-01".into()],
             },
+            former: None,
         };
         assert!(tab.can_read(&info(DocKind::Household, "SOC-01", "Mopti")));
         assert!(!tab.can_read(&info(DocKind::Household, "SOC-02", "Mopti")));
@@ -153,6 +187,7 @@ mod tests {
                 regions: vec!["Mopti".into()],
                 sites: vec![],
             },
+            former: None,
         };
         assert!(office.can_read(&info(DocKind::Site, "SOC-02", "Mopti")));
         assert!(!office.can_read(&info(DocKind::Site, "GAO-01", "Gao")));

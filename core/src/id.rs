@@ -45,7 +45,7 @@ impl DocumentId {
     }
 
     /// Wraps raw bytes.
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
         DocumentId(bytes)
     }
 

@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use automerge::{transaction::Transactable, ActorId, Automerge, ChangeHash, ROOT};
 use serde::Serialize;
 
+use crate::audit::{AuditAction, AuditEntry};
 use crate::campaign::Campaign;
 use crate::conflict::{conflicts, FieldConflict};
 use crate::distribution::{self, Distribution, HandoutSlot, DISTRIBUTIONS};
@@ -268,7 +269,7 @@ impl Ledger {
             .store
             .list()?
             .into_iter()
-            .filter(|(_, m)| m.info.kind == kind)
+            .filter(|(_, m)| m.info.kind == kind && !m.info.erased)
             .map(|(id, _)| id)
             .collect())
     }
@@ -350,6 +351,9 @@ impl Ledger {
 
     /// Loads a household document, refusing unknown ids.
     fn household_doc(&self, id: DocumentId) -> Result<(Automerge, Vec<ChangeHash>), LedgerError> {
+        if self.store.meta(id)?.is_some_and(|m| m.info.erased) {
+            return Err(ValidationError::Erased(id.to_string()).into());
+        }
         match self.load(id)? {
             Some((doc, base)) if document::kind_of(&doc) == DocKind::Household => Ok((doc, base)),
             _ => Err(ValidationError::UnknownHousehold(id.to_string()).into()),
@@ -475,6 +479,20 @@ impl Ledger {
         Ok(d)
     }
 
+    /// Erases a household: its document and every trace of its personal data leave this
+    /// store, leaving a tombstone that replicas learn to purge and that nothing can overwrite.
+    /// `by` is the token name recorded in the audit log.
+    pub fn erase(&self, id: DocumentId, by: &str) -> Result<(), LedgerError> {
+        match self.store.meta(id)? {
+            Some(m) if m.info.kind == DocKind::Household => {
+                let entry = AuditEntry::now(by, AuditAction::Erase, Some(id));
+                self.store.erase(id, &[entry])?;
+                Ok(())
+            }
+            _ => Err(ValidationError::UnknownHousehold(id.to_string()).into()),
+        }
+    }
+
     /// A household with its handouts and conflicts.
     pub fn household(&self, id: DocumentId) -> Result<HouseholdView, LedgerError> {
         let (doc, _) = self.household_doc(id)?;
@@ -500,7 +518,7 @@ impl Ledger {
             let is_household = self
                 .store
                 .meta(id)?
-                .is_some_and(|m| m.info.kind == DocKind::Household);
+                .is_some_and(|m| m.info.kind == DocKind::Household && !m.info.erased);
             if is_household {
                 out.push(self.household(id)?);
             }
@@ -547,7 +565,11 @@ impl Ledger {
 
 /// Today's date in UTC, `YYYY-MM-DD`.
 pub fn today() -> String {
-    let days = now_ms().div_euclid(86_400_000);
+    date_of_days(now_ms().div_euclid(86_400_000))
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a day number counted from 1970-01-01.
+pub fn date_of_days(days: i64) -> String {
     // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate for one line.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

@@ -58,6 +58,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod audit;
 pub mod campaign;
 pub mod conflict;
 pub mod distribution;

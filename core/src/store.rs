@@ -11,6 +11,11 @@
 //! | `by_site` | (site code, document id) | nothing: which documents belong to a site |
 //! | `meta` | name | small values (this replica's actor id, cursors) |
 //! | `sync_states` | (peer key, document id) | automerge's encoded `sync::State` for a peer that keeps its own storage |
+//! | `audit` | sequence | one [`AuditEntry`] as JSON: who did what to which document, and when |
+//!
+//! An erased document keeps only its metadata, marked erased (a tombstone): its bytes are
+//! gone, and [`Store::write`] refuses to store anything under its id again, so no replica can
+//! bring it back.
 //!
 //! A write appends the bytes `save_after(stored heads)` as a chunk; it costs what changed, not
 //! what the document holds. Once a document has [`COMPACT_AFTER_CHUNKS`] chunks, the same
@@ -33,6 +38,7 @@ use automerge::{Automerge, ChangeHash};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditEntry;
 use crate::document::DocInfo;
 use crate::DocumentId;
 
@@ -43,6 +49,13 @@ const FEED: TableDefinition<u64, [u8; 16]> = TableDefinition::new("feed");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const BY_SITE: TableDefinition<(&str, [u8; 16]), ()> = TableDefinition::new("by_site");
 const SYNC_STATES: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::new("sync_states");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const COMPACT_PENDING: &str = "compact-pending";
+
+/// The id under which [`Store::mark_feed`] records a marker in the change feed. No document
+/// has it: [`Store::changes_since`] returns the marker as an entry of kind `other`, which
+/// readers of the feed skip, so that a cursor can move past it.
+pub const FEED_MARKER: DocumentId = DocumentId::from_bytes([0xff; 16]);
 
 /// A document is compacted into one snapshot once it has this many incremental chunks. Small
 /// enough that loading a busy document stays cheap, large enough that compaction (a full
@@ -72,6 +85,14 @@ pub enum StoreError {
     BadMeta {
         /// The document concerned.
         id: DocumentId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An audit record failed to decode.
+    #[error("audit record {seq} is damaged: {reason}")]
+    BadAudit {
+        /// Its sequence.
+        seq: u64,
         /// What went wrong.
         reason: String,
     },
@@ -114,12 +135,38 @@ pub struct DocMeta {
     pub seq: u64,
     /// Incremental chunks stored after the snapshot.
     pub chunks: u32,
+    /// Sites the document belonged to before (a household that moved). A device that could
+    /// read it there is told to purge its copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_sites: Vec<String>,
+    /// Regions of [`DocMeta::former_sites`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_regions: Vec<String>,
 }
 
 impl DocMeta {
     /// The heads as change hashes.
     pub fn change_hashes(&self) -> Vec<ChangeHash> {
         self.heads.iter().filter_map(|h| h.parse().ok()).collect()
+    }
+
+    /// The document as it was placed before it moved: what a device that may have held it
+    /// could read.
+    pub fn former_info(&self) -> DocInfo {
+        DocInfo {
+            kind: self.info.kind,
+            sites: self.former_sites.clone(),
+            regions: self.former_regions.clone(),
+            erased: false,
+        }
+    }
+}
+
+fn add_all(into: &mut Vec<String>, from: &[String]) {
+    for s in from {
+        if !into.contains(s) {
+            into.push(s.clone());
+        }
     }
 }
 
@@ -271,6 +318,7 @@ impl Store {
         txn.open_table(META)?;
         txn.open_table(BY_SITE)?;
         txn.open_table(SYNC_STATES)?;
+        txn.open_table(AUDIT)?;
         txn.commit()?;
         Ok(Store { db, path })
     }
@@ -314,10 +362,23 @@ impl Store {
     /// sequence numbers, in order. A write whose heads are already stored is skipped and
     /// returns the sequence it already had.
     pub fn write(&self, writes: &[DocWrite]) -> Result<Vec<u64>, StoreError> {
-        if writes.is_empty() {
+        self.commit(writes, &[])
+    }
+
+    /// Like [`Store::write`], and appends audit entries in the same transaction, so a change
+    /// is never stored without its audit record, nor recorded without being stored.
+    pub fn commit(
+        &self,
+        writes: &[DocWrite],
+        audit: &[AuditEntry],
+    ) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() && audit.is_empty() {
             return Ok(Vec::new());
         }
         let txn = self.db.begin_write()?;
+        if !audit.is_empty() {
+            append_audit(&txn, audit)?;
+        }
         let mut seqs = Vec::with_capacity(writes.len());
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -338,6 +399,11 @@ impl Store {
                     .map(|m| m.info.sites.clone())
                     .unwrap_or_default();
                 let mut meta = match old {
+                    Some(old) if old.info.erased => {
+                        // A tombstone is final: nothing is stored under an erased id again.
+                        seqs.push(old.seq);
+                        continue;
+                    }
                     Some(old) => {
                         if old.heads == new_heads && old.info == w.info {
                             seqs.push(old.seq);
@@ -371,10 +437,26 @@ impl Store {
                             heads: hex_heads(&doc.get_heads()),
                             seq: 0,
                             chunks: 0,
+                            former_sites: Vec::new(),
+                            former_regions: Vec::new(),
                         }
                     }
                 };
                 if old_sites != w.info.sites {
+                    let gone: Vec<String> = old_sites
+                        .iter()
+                        .filter(|s| !w.info.sites.contains(s))
+                        .cloned()
+                        .collect();
+                    add_all(&mut meta.former_sites, &gone);
+                    let gone: Vec<String> = meta
+                        .info
+                        .regions
+                        .iter()
+                        .filter(|r| !w.info.regions.contains(r))
+                        .cloned()
+                        .collect();
+                    add_all(&mut meta.former_regions, &gone);
                     for s in &old_sites {
                         by_site.remove((s.as_str(), key))?;
                     }
@@ -498,6 +580,112 @@ impl Store {
         Ok(existed)
     }
 
+    /// Erases a document: drops its bytes and saved sync states, keeps its metadata marked
+    /// erased (no personal data: kind, sites, regions), and gives it a new feed sequence so
+    /// every replica that could hold it is told to purge it. Returns the tombstone's metadata,
+    /// or `None` for an unknown id. Erasing twice is harmless.
+    pub fn erase(
+        &self,
+        id: DocumentId,
+        audit: &[AuditEntry],
+    ) -> Result<Option<DocMeta>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let out;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let key = *id.as_bytes();
+            let old = docs
+                .get(&key)?
+                .map(|g| decode_meta(id, g.value()))
+                .transpose()?;
+            let Some(mut meta) = old else {
+                return Ok(None);
+            };
+            if !meta.info.erased {
+                for n in 0..meta.chunks {
+                    chunks.remove((key, n))?;
+                }
+                snaps.remove(&key)?;
+                // Taken before removing the old entry, which may be the last: a sequence is
+                // never given twice, or a cursor that saw it would miss the erasure.
+                let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+                feed.remove(meta.seq)?;
+                meta.seq = next;
+                feed.insert(meta.seq, key)?;
+                meta.info.erased = true;
+                meta.heads.clear();
+                meta.chunks = 0;
+                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                docs.insert(key, bytes.as_slice())?;
+                txn.open_table(META)?
+                    .insert(COMPACT_PENDING, [1u8].as_slice())?;
+                let mut states = txn.open_table(SYNC_STATES)?;
+                let stale: Vec<String> = states
+                    .iter()?
+                    .filter_map(|r| r.ok())
+                    .filter(|(k, _)| k.value().1 == key)
+                    .map(|(k, _)| k.value().0.to_string())
+                    .collect();
+                for peer in stale {
+                    states.remove((peer.as_str(), key))?;
+                }
+                append_audit(&txn, audit)?;
+            }
+            out = meta;
+        }
+        txn.commit()?;
+        Ok(Some(out))
+    }
+
+    /// Rewrites the file so that pages freed by erasures and compactions are overwritten or
+    /// cut off: after it, no byte of an erased document remains on disk. Needs exclusive
+    /// access (the server runs it at every clean shutdown; `relais compact` runs it offline).
+    pub fn compact_file(&mut self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.remove(COMPACT_PENDING)?;
+        txn.commit()?;
+        while self.db.compact().map_err(|e| StoreError::Redb(e.into()))? {}
+        Ok(())
+    }
+
+    /// True when documents were erased since the file was last compacted.
+    pub fn compact_pending(&self) -> Result<bool, StoreError> {
+        Ok(self.get_meta(COMPACT_PENDING)?.is_some())
+    }
+
+    /// Appends audit entries, durably.
+    pub fn audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        self.commit(&[], entries).map(|_| ())
+    }
+
+    /// Audit entries with sequence above `after`, oldest first, at most `limit`, with their
+    /// sequence numbers.
+    pub fn audit_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row?;
+            let entry: AuditEntry =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::BadAudit {
+                    seq: k.value(),
+                    reason: e.to_string(),
+                })?;
+            out.push((k.value(), entry));
+        }
+        Ok(out)
+    }
+
     /// Documents written after feed sequence `since`, oldest first, at most `limit`.
     pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -510,7 +698,20 @@ impl Store {
             }
             let (seq, id) = row?;
             let id = DocumentId::from_bytes(id.value());
-            if let Some(m) = docs.get(id.as_bytes())? {
+            if id == FEED_MARKER {
+                out.push(FeedEntry {
+                    seq: seq.value(),
+                    id,
+                    meta: DocMeta {
+                        info: DocInfo::other(),
+                        heads: Vec::new(),
+                        seq: seq.value(),
+                        chunks: 0,
+                        former_sites: Vec::new(),
+                        former_regions: Vec::new(),
+                    },
+                });
+            } else if let Some(m) = docs.get(id.as_bytes())? {
                 out.push(FeedEntry {
                     seq: seq.value(),
                     id,
@@ -519,6 +720,28 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Appends a marker to the change feed and returns its sequence: something changed that
+    /// is not a document (a token's scope), and devices whose cursor is older must know.
+    /// Only the latest marker is kept.
+    pub fn mark_feed(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let seq;
+        {
+            let mut feed = txn.open_table(FEED)?;
+            let mut meta = txn.open_table(META)?;
+            seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            if let Some(old) = meta.get("feed-marker")?.map(|g| g.value().to_vec()) {
+                if let Ok(b) = <[u8; 8]>::try_from(old.as_slice()) {
+                    feed.remove(u64::from_be_bytes(b))?;
+                }
+            }
+            feed.insert(seq, *FEED_MARKER.as_bytes())?;
+            meta.insert("feed-marker", seq.to_be_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(seq)
     }
 
     /// The latest feed sequence (0 for an empty store).
@@ -608,6 +831,24 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Appends audit entries inside a caller's write transaction (for adapters that keep their
+/// own tables in the store's file, such as the server's tokens).
+pub fn append_audit(
+    txn: &redb::WriteTransaction,
+    entries: &[AuditEntry],
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(AUDIT)?;
+    let first = t.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+    for (seq, e) in (first..).zip(entries) {
+        let bytes = serde_json::to_vec(e).expect("AuditEntry serialises");
+        t.insert(seq, bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 fn assemble(

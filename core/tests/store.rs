@@ -242,3 +242,80 @@ fn sigkill_mid_write_keeps_every_committed_write() {
             .unwrap();
     }
 }
+
+#[test]
+fn an_erased_household_keeps_only_a_tombstone_that_nothing_overwrites() {
+    use relais_core::audit::{AuditAction, AuditEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let hh = l
+        .register(new_household("SOC-01", "Awa Tombstone"))
+        .unwrap();
+    l.distribute(hh, "JP-2023", "nfi-kit", 1).unwrap();
+    let before = l.store().load(hh).unwrap().unwrap();
+    let seq_before = before.meta.seq;
+    l.erase(hh, "admin").unwrap();
+    let meta = l.store().meta(hh).unwrap().unwrap();
+    assert!(meta.info.erased);
+    assert!(meta.heads.is_empty());
+    assert_eq!(meta.info.sites, ["SOC-01"], "kept, to route purge notices");
+    assert!(meta.seq > seq_before, "a new feed entry tells replicas");
+    assert!(l.store().compact_pending().unwrap());
+    // The ledger refuses it, lists skip it.
+    assert!(l.household(hh).unwrap_err().to_string().contains("erased"));
+    assert!(l.list_site("SOC-01").unwrap().is_empty());
+    assert!(l.households().unwrap().is_empty());
+    // A write of the old document (a replica pushing its copy) is skipped.
+    let w = DocWrite::from_doc(hh, before.meta.info.clone(), &before.doc, Vec::new());
+    l.store().write(&[w]).unwrap();
+    assert!(l.store().meta(hh).unwrap().unwrap().info.erased);
+    assert!(l.store().load(hh).unwrap().unwrap().doc.get_heads().is_empty());
+    // Erasing twice is harmless; unknown ids are refused.
+    assert!(l.store().erase(hh, &[]).unwrap().is_some());
+    assert!(l.erase(DocumentId::random(), "admin").is_err());
+    let audit = l.store().audit_since(0, 10).unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].1.action, AuditAction::Erase);
+    assert_eq!(audit[0].1.document, Some(hh));
+    l.store().audit(&[AuditEntry::now("x", AuditAction::Export, None)]).unwrap();
+    assert_eq!(l.store().audit_since(1, 10).unwrap()[0].0, 2);
+}
+
+#[test]
+fn a_household_that_moves_remembers_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let hh = l.register(new_household("SOC-01", "Moving")).unwrap();
+    l.update(
+        hh,
+        &relais_core::household::HouseholdUpdate {
+            site: Some("GAO-01".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let meta = l.store().meta(hh).unwrap().unwrap();
+    assert_eq!(meta.info.sites, ["GAO-01"]);
+    assert_eq!(meta.former_sites, ["SOC-01"]);
+    assert_eq!(meta.former_regions, ["Mopti"]);
+    assert_eq!(meta.former_info().sites, ["SOC-01"]);
+}
+
+#[test]
+fn a_feed_marker_moves_cursors_without_naming_a_document() {
+    use relais_core::store::FEED_MARKER;
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let last = l.store().last_seq().unwrap();
+    let m1 = l.store().mark_feed().unwrap();
+    let m2 = l.store().mark_feed().unwrap();
+    assert_eq!((m1, m2), (last + 1, last + 2));
+    let after: Vec<_> = l.store().changes_since(last, 100).unwrap();
+    assert_eq!(after.len(), 1, "only the latest marker is kept");
+    assert_eq!(after[0].id, FEED_MARKER);
+    assert_eq!(after[0].seq, m2);
+    assert!(l.store().meta(FEED_MARKER).unwrap().is_none());
+}

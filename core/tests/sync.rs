@@ -227,6 +227,7 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
             regions: vec![],
             sites: vec!["SOC-01".into()],
         },
+        former: None,
     };
     let mut link = Link::new(shared(&tab), shared(&office), who.clone(), (0, 0));
     link.run();
@@ -333,6 +334,7 @@ fn a_household_moving_out_of_scope_is_purged_from_a_live_relais_client_only() {
             regions: vec![],
             sites: vec!["SOC-01".into()],
         },
+        former: None,
     };
     let empty = automerge::Automerge::new()
         .generate_sync_message(&mut automerge::sync::State::new())
@@ -505,6 +507,7 @@ fn a_viewers_changes_are_neither_stored_nor_relayed() {
             regions: vec![],
             sites: vec!["SOC-01".into()],
         },
+        former: None,
     };
     // A second, writing peer follows the household: it must hear nothing.
     hub.connect(1, viewer);

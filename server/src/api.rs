@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use relais_core::access::{Identity, Role, Scope};
+use relais_core::audit::{parse_time, AuditAction, AuditFilter};
 use relais_core::campaign::Campaign;
 use relais_core::ledger::LedgerError;
 use relais_core::site::Site;
@@ -168,7 +169,7 @@ pub async fn create_token(
     headers: HeaderMap,
     Json(req): Json<NewToken>,
 ) -> Result<Response, ApiError> {
-    admin(&app, addr, &headers)?;
+    let who = admin(&app, addr, &headers)?;
     let scope = Scope {
         regions: req.regions,
         sites: req.sites,
@@ -178,6 +179,7 @@ pub async fn create_token(
         &req.name,
         req.role.unwrap_or(Role::Enumerator),
         scope,
+        &who.device,
     )?;
     Ok((
         StatusCode::CREATED,
@@ -197,7 +199,8 @@ pub async fn list_tokens(
         .into_iter()
         .map(|r| {
             json!({ "name": r.name, "role": r.role, "scope": r.scope,
-                    "created_at": r.created_at, "revoked_at": r.revoked_at })
+                    "created_at": r.created_at, "revoked_at": r.revoked_at,
+                    "former_scope": r.former.map(|f| f.scope) })
         })
         .collect();
     Ok(Json(list).into_response())
@@ -210,8 +213,8 @@ pub async fn revoke_token(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    admin(&app, addr, &headers)?;
-    let rec = tokens::revoke(&app.store, &name)?;
+    let who = admin(&app, addr, &headers)?;
+    let rec = tokens::revoke(&app.store, &name, &who.device)?;
     app.engine
         .send(Input::CloseDevice {
             device: name,
@@ -219,4 +222,211 @@ pub async fn revoke_token(
         })
         .await;
     Ok(Json(json!({ "name": rec.name, "revoked_at": rec.revoked_at })).into_response())
+}
+
+/// Body of `PATCH /api/v1/tokens/{name}`.
+#[derive(Debug, Deserialize)]
+pub struct ScopeChange {
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    sites: Vec<String>,
+}
+
+/// `PATCH /api/v1/tokens/{name}`: changes a token's scope. Its live connections are closed;
+/// on reconnect the device is told to purge what it may no longer hold.
+pub async fn rescope_token(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Json(req): Json<ScopeChange>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let scope = Scope {
+        regions: req.regions,
+        sites: req.sites,
+    };
+    let rec = tokens::set_scope(&app.store, &name, scope)?;
+    app.engine
+        .send(Input::CloseDevice {
+            device: name,
+            reason: "token scope changed; reconnect".into(),
+        })
+        .await;
+    Ok(Json(json!({ "name": rec.name, "role": rec.role, "scope": rec.scope })).into_response())
+}
+
+/// `DELETE /api/v1/households/{id}`: erases a household everywhere (see
+/// [`relais_core::store::Store::erase`]).
+pub async fn erase_household(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = admin(&app, addr, &headers)?;
+    let doc = id
+        .trim_start_matches("automerge:")
+        .parse::<relais_core::DocumentId>()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad household id: {e}")))?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let sent = app
+        .engine
+        .send(Input::Erase {
+            id: doc,
+            by: who.device,
+            reply,
+        })
+        .await;
+    let outcome = if sent { rx.await.ok() } else { None };
+    match outcome {
+        Some(Ok(true)) => Ok(Json(json!({ "id": doc, "erased": true })).into_response()),
+        Some(Ok(false)) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no household {doc} in this store"),
+        )),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "erase failed");
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage error".into(),
+            ))
+        }
+        None => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server shutting down".into(),
+        )),
+    }
+}
+
+/// Query of `GET /api/v1/audit`.
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    since: Option<String>,
+    token: Option<String>,
+    action: Option<String>,
+    document: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Largest page of `GET /api/v1/audit`.
+pub const AUDIT_PAGE_MAX: usize = 10_000;
+
+/// `GET /api/v1/audit?since=&token=&action=&document=&after=&limit=`: audit entries, oldest
+/// first. `next` is the `after` to ask for the following page.
+pub async fn audit(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let filter = AuditFilter {
+        since: q
+            .since
+            .as_deref()
+            .map(parse_time)
+            .transpose()
+            .map_err(bad)?,
+        token: q.token,
+        action: q
+            .action
+            .as_deref()
+            .map(str::parse::<AuditAction>)
+            .transpose()
+            .map_err(bad)?,
+        document: q
+            .document
+            .as_deref()
+            .map(|d| {
+                d.trim_start_matches("automerge:")
+                    .parse::<relais_core::DocumentId>()
+            })
+            .transpose()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad document id: {e}")))?,
+    };
+    let limit = q.limit.unwrap_or(1_000).clamp(1, AUDIT_PAGE_MAX);
+    let store = app.store.clone();
+    let after = q.after.unwrap_or(0);
+    let (entries, next) =
+        tokio::task::spawn_blocking(move || crate::audit_page(&store, &filter, after, limit))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit read failed");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "storage error".into())
+            })?;
+    Ok(Json(json!({ "entries": entries, "next": next })).into_response())
+}
+
+/// `GET /api/v1/devices`: every token with when its device was last connected.
+pub async fn devices(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let seen = app.devices.snapshot();
+    let list: Vec<_> = tokens::list(&app.store)?
+        .into_iter()
+        .map(|r| {
+            let s = seen.get(&r.name);
+            json!({
+                "name": r.name,
+                "role": r.role,
+                "scope": r.scope,
+                "revoked": r.revoked_at.is_some(),
+                "connections": s.map(|s| s.connections).unwrap_or(0),
+                "last_seen": s.map(|s| s.last_seen),
+            })
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+/// `GET /api/v1/status`: what the store holds, who is connected, and the upstream link.
+pub async fn status(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let store = app.store.clone();
+    let counts = tokio::task::spawn_blocking(
+        move || -> Result<serde_json::Value, relais_core::store::StoreError> {
+            use relais_core::document::DocKind;
+            let docs = store.list()?;
+            let count = |k: DocKind| {
+                docs.iter()
+                    .filter(|(_, m)| m.info.kind == k && !m.info.erased)
+                    .count()
+            };
+            Ok(json!({
+                "documents": docs.len(),
+                "sites": count(DocKind::Site),
+                "households": count(DocKind::Household),
+                "campaigns": count(DocKind::Campaign),
+                "other": count(DocKind::Other),
+                "erased": docs.iter().filter(|(_, m)| m.info.erased).count(),
+                "feed_seq": store.last_seq()?,
+            }))
+        },
+    )
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "status read failed");
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "storage error".into())
+    })?;
+    let stats = app.engine.stats().await.unwrap_or_default();
+    Ok(Json(json!({
+        "store": counts,
+        "connections": stats.ready_connections,
+        "loaded_documents": stats.loaded_docs,
+        "upstream": app.upstream_status(),
+    }))
+    .into_response())
 }

@@ -36,6 +36,16 @@ pub struct FileConfig {
     pub send_buffer_bytes: Option<usize>,
     /// `max-loaded-docs = 20000`
     pub max_loaded_docs: Option<usize>,
+    /// `tls-cert = "/etc/relais/cert.pem"`
+    pub tls_cert: Option<PathBuf>,
+    /// `tls-key = "/etc/relais/key.pem"`
+    pub tls_key: Option<PathBuf>,
+    /// `upstream = "wss://bamako.example.org/sync"`
+    pub upstream: Option<String>,
+    /// `upstream-token = "rls_..."`
+    pub upstream_token: Option<String>,
+    /// `upstream-ca = "/etc/relais/bamako-ca.pem"`
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -61,6 +71,21 @@ pub struct ServerConfig {
     pub send_buffer_bytes: usize,
     /// Documents kept in memory.
     pub max_loaded_docs: usize,
+    /// Certificate chain and private key (PEM): serve `https://` and `wss://`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Upstream server to replicate with.
+    pub upstream: Option<Upstream>,
+}
+
+/// An upstream server this one replicates with (a sub-office syncing with Bamako).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `ws://` or `wss://` URL of its `/sync` endpoint.
+    pub url: String,
+    /// A `replica` token issued by the upstream server.
+    pub token: String,
+    /// CA certificate (PEM) to verify it by, instead of the usual web roots.
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +96,8 @@ impl Default for ServerConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
             max_loaded_docs: DEFAULT_MAX_LOADED_DOCS,
+            tls: None,
+            upstream: None,
         }
     }
 }

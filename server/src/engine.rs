@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use relais_core::access::Identity;
+use relais_core::audit::{AuditAction, AuditEntry};
+use relais_core::document::DocKind;
 use relais_core::protocol::hub::{ConnId, Hub, HubConfig, HubStats, Step};
 use relais_core::store::Store;
 use relais_core::DocumentId;
@@ -83,6 +85,15 @@ pub enum Input {
         /// Reason.
         reason: String,
     },
+    /// Erase a household: tombstone it in the store, tell devices to purge it.
+    Erase {
+        /// The household.
+        id: DocumentId,
+        /// Token name of the admin, for the audit log.
+        by: String,
+        /// `Ok(true)` when erased, `Ok(false)` when no such household.
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
     /// Report counters.
     Stats {
         /// Reply channel.
@@ -134,12 +145,40 @@ fn merge(into: &mut Step, s: Step) {
     into.sends.extend(s.sends);
     into.closes.extend(s.closes);
     into.merges += s.merges;
+    into.audit.extend(s.audit);
 }
 
 struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     device: String,
     queued: Arc<AtomicUsize>,
+}
+
+fn erase(
+    store: &Store,
+    hub: &mut Hub<Arc<Store>>,
+    step: &mut Step,
+    id: DocumentId,
+    by: &str,
+) -> Result<bool, String> {
+    let meta = match store.meta(id) {
+        Ok(Some(m)) if m.info.kind == DocKind::Household => m,
+        Ok(_) => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    if meta.info.erased {
+        return Ok(true);
+    }
+    let entry = AuditEntry::now(by, AuditAction::Erase, Some(id));
+    match store.erase(id, &[entry]) {
+        Ok(Some(tomb)) => {
+            tracing::info!(document = %id, by, "household erased");
+            merge(step, hub.erased(id, &tomb.info));
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn run(
@@ -195,13 +234,16 @@ fn run(
                         hub.disconnect(conn);
                     }
                 }
+                Input::Erase { id, by, reply } => {
+                    let _ = reply.send(erase(&store, &mut hub, &mut step, id, &by));
+                }
                 Input::Stats { reply } => {
                     let _ = reply.send(hub.stats());
                 }
             }
         }
-        if !step.writes.is_empty() {
-            if let Err(e) = store.write(&step.writes) {
+        if !step.writes.is_empty() || !step.audit.is_empty() {
+            if let Err(e) = store.commit(&step.writes, &step.audit) {
                 // Nothing of this round was acknowledged: forget it, drop everyone, and let
                 // clients resync from what is durable.
                 tracing::error!(error = %e, "commit failed; closing all connections");

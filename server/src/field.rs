@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use relais_client::{Replica, SyncOptions, Writer};
+use relais_client::{Replica, SyncOptions, TlsTrust, Writer};
 use relais_core::household::{parse_members, NewHousehold, Vulnerability};
 use relais_core::ledger::HouseholdView;
 use relais_core::DocumentId;
@@ -101,6 +101,12 @@ enum FieldCmd {
         /// Device token.
         #[arg(long, env = "RELAIS_TOKEN")]
         token: String,
+        /// For wss://: trust server certificates issued by this CA (PEM) only.
+        #[arg(long, conflicts_with = "pin")]
+        ca: Option<std::path::PathBuf>,
+        /// For wss://: accept only the certificate with this SHA-256 (hex, of its DER form).
+        #[arg(long)]
+        pin: Option<String>,
     },
     /// Pending changes and the last sync.
     Status,
@@ -259,9 +265,20 @@ pub fn run(args: FieldArgs) -> anyhow::Result<()> {
                 println!("{} double distributions", list.len());
             }
         }
-        FieldCmd::Sync { server, token } => {
+        FieldCmd::Sync {
+            server,
+            token,
+            ca,
+            pin,
+        } => {
             let tty = std::io::stderr().is_terminal() && !json;
+            let tls = match (ca, pin) {
+                (Some(ca), _) => TlsTrust::ca_file(ca)?,
+                (None, Some(pin)) => TlsTrust::pinned_hex(&pin)?,
+                (None, None) => TlsTrust::default(),
+            };
             let opts = SyncOptions {
+                tls,
                 progress: tty.then(|| {
                     Arc::new(|left: usize, received: usize| {
                         eprint!(

@@ -12,13 +12,15 @@
 
 pub mod api;
 pub mod config;
+pub mod devices;
 pub mod engine;
 pub mod metrics;
+pub mod tls;
 pub mod tokens;
 pub mod ws;
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -61,10 +63,17 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     /// Connection ids.
     pub next_conn: AtomicU64,
+    /// When each device was last connected.
+    pub devices: devices::Devices,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
 impl App {
+    /// The upstream link's state, or null when this server has no upstream.
+    pub fn upstream_status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// Checks a presented token, slowing down addresses that keep guessing.
     #[allow(clippy::result_large_err)]
     pub fn authenticate(
@@ -124,7 +133,14 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/tokens",
             post(api::create_token).get(api::list_tokens),
         )
-        .route("/api/v1/tokens/{name}", delete(api::revoke_token))
+        .route(
+            "/api/v1/tokens/{name}",
+            delete(api::revoke_token).patch(api::rescope_token),
+        )
+        .route("/api/v1/households/{id}", delete(api::erase_household))
+        .route("/api/v1/audit", get(api::audit))
+        .route("/api/v1/devices", get(api::devices))
+        .route("/api/v1/status", get(api::status))
         .with_state(app)
 }
 
@@ -143,6 +159,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Read the certificate first: a bad one is reported before anything starts.
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|(cert, key)| tls::server_config(cert, key))
+        .transpose()?;
     let metrics = Arc::new(Metrics::default());
     let storage_id = match store.get_meta("storage-id")? {
         Some(b) => String::from_utf8_lossy(&b).to_string(),
@@ -172,6 +194,8 @@ pub async fn serve(
         },
     )?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let store_handle = store.clone();
+    let devices = devices::Devices::load(&store)?;
     let app = Arc::new(App {
         store,
         ledger,
@@ -180,13 +204,56 @@ pub async fn serve(
         cfg,
         shutdown: stop_rx.clone(),
         next_conn: AtomicU64::new(1),
+        devices,
         failures: Mutex::new(HashMap::new()),
     });
+    let flusher = {
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(devices::FLUSH_EVERY) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                let a = app.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = a.devices.flush(&a.store) {
+                        tracing::warn!(error = %e, "could not save devices' last-seen times");
+                    }
+                })
+                .await;
+            }
+        })
+    };
     let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop_wait = stop_rx.clone();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
-        let _ = stop_wait.wait_for(|s| *s).await;
-    });
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+        None => Box::pin(
+            axum::serve(listener, service)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_wait.wait_for(|s| *s).await;
+                })
+                .into_future(),
+        ),
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                let _ = stop_wait.wait_for(|s| *s).await;
+                h.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let std_listener = listener.into_std()?;
+            Box::pin(
+                axum_server::from_tcp_rustls(
+                    std_listener,
+                    axum_server::tls_rustls::RustlsConfig::from_config(tls),
+                )
+                .handle(handle)
+                .serve(service),
+            )
+        }
+    };
     let trigger = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: closing connections");
@@ -195,10 +262,14 @@ pub async fn serve(
     });
     server.await.context("server failed")?;
     let _stop_tx = trigger.await.ok();
+    let _ = flusher.await;
     // Upgraded sockets are not tracked by the HTTP server: wait for them to close.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Arc::strong_count(&app) > 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Err(e) = app.devices.flush(&app.store) {
+        tracing::warn!(error = %e, "could not save devices' last-seen times");
     }
     drop(app);
     // The engine stops once every sender is gone, after committing its last round.
@@ -213,6 +284,46 @@ pub async fn serve(
             "engine did not stop in time; every acknowledged change is already committed"
         );
     }
+    // Erased households leave freed pages behind: rewrite the file so none of their bytes
+    // stay on disk.
+    if let Ok(mut store) = Arc::try_unwrap(store_handle) {
+        if store.compact_pending().unwrap_or(false) {
+            tracing::info!("compacting the store after erasures");
+            if let Err(e) = store.compact_file() {
+                tracing::warn!(error = %e, "compaction failed; run `relais compact`");
+            }
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One page of the audit log: entries after sequence `after` that pass `filter`, at most
+/// `limit`, and the sequence to continue from when more may follow.
+pub fn audit_page(
+    store: &Store,
+    filter: &relais_core::audit::AuditFilter,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<serde_json::Value>, Option<u64>), relais_core::store::StoreError> {
+    let mut out = Vec::new();
+    let mut cursor = after;
+    loop {
+        let batch = store.audit_since(cursor, 4_096)?;
+        let full = batch.len() == 4_096;
+        for (seq, e) in batch {
+            cursor = seq;
+            if filter.matches(&e) {
+                let mut v = serde_json::to_value(&e).expect("AuditEntry serialises");
+                v["seq"] = seq.into();
+                out.push(v);
+                if out.len() >= limit {
+                    return Ok((out, Some(cursor)));
+                }
+            }
+        }
+        if !full {
+            return Ok((out, None));
+        }
+    }
 }

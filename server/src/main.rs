@@ -35,8 +35,17 @@ enum Command {
     /// Reference data: campaigns.
     #[command(subcommand)]
     Campaign(CampaignCmd),
-    /// What the store holds.
-    Status(DataArg),
+    /// What the store holds (server stopped), or a running server's state (--server).
+    Status(StatusArgs),
+    /// Households: erase one (right to erasure, retention).
+    #[command(subcommand)]
+    Household(HouseholdCmd),
+    /// Read the audit log: who did what to which document, and when.
+    Audit(AuditArgs),
+    /// Devices (tokens) and when each was last connected (running server).
+    Devices(RemoteArgs),
+    /// Rewrite the store file (server stopped), so no byte of an erased household remains.
+    Compact(DataArg),
     /// Field tablet commands over a local replica (for trainers, testing and as an example).
     Field(field::FieldArgs),
 }
@@ -46,6 +55,66 @@ struct DataArg {
     /// Data directory holding relais.redb.
     #[arg(long, env = "RELAIS_DATA", default_value = config::DEFAULT_DATA)]
     data: PathBuf,
+}
+
+/// Talk to a running server through its admin API instead of opening the store.
+#[derive(Args, Clone, Default)]
+struct RemoteArgs {
+    /// Base URL of a running server, e.g. http://127.0.0.1:7373 or https://bamako.example.org.
+    #[arg(long, env = "RELAIS_SERVER")]
+    server: Option<String>,
+    /// Admin token for --server.
+    #[arg(long, env = "RELAIS_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// CA certificate (PEM) to verify an https server by.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+#[derive(Subcommand)]
+enum HouseholdCmd {
+    /// Erase a household: its document and personal data leave the server; a tombstone
+    /// remains, every replica purges its copy at its next sync, and none can bring it back.
+    Erase {
+        /// Household id (or automerge: URL).
+        id: String,
+        #[command(flatten)]
+        data: DataArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Only entries at or after this time: YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (UTC).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only entries by this token name.
+    #[arg(long)]
+    token: Option<String>,
+    /// Only this action: sync-read, write, refused-write, export, erase, token-created,
+    /// token-revoked.
+    #[arg(long)]
+    action: Option<String>,
+    /// Only entries about this document.
+    #[arg(long)]
+    document: Option<String>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -68,6 +137,21 @@ struct ServeArgs {
     /// Documents kept in memory before idle ones are evicted [default: 20000].
     #[arg(long, env = "RELAIS_MAX_LOADED_DOCS")]
     max_loaded_docs: Option<usize>,
+    /// Certificate chain (PEM): serve https:// and wss:// (needs --tls-key).
+    #[arg(long, env = "RELAIS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "RELAIS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Replicate with this upstream server, e.g. wss://bamako.example.org/sync.
+    #[arg(long, env = "RELAIS_UPSTREAM", requires = "upstream_token")]
+    upstream: Option<String>,
+    /// A replica token issued by the upstream server.
+    #[arg(long, env = "RELAIS_UPSTREAM_TOKEN", hide_env_values = true)]
+    upstream_token: Option<String>,
+    /// CA certificate (PEM) to verify the upstream server by.
+    #[arg(long, env = "RELAIS_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -97,6 +181,20 @@ enum TokenCmd {
         data: DataArg,
         /// Token name.
         name: String,
+    },
+    /// Change a token's scope; its devices purge what the new scope no longer covers.
+    Scope {
+        #[command(flatten)]
+        data: DataArg,
+        /// Token name.
+        #[arg(long)]
+        name: String,
+        /// Regions (admin1) in scope, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// Site codes in scope, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
     },
 }
 
@@ -169,11 +267,220 @@ fn open(data: &std::path::Path) -> anyhow::Result<Store> {
     }
 }
 
+/// The name the local command line acts as in the audit log.
+const ADMIN_CLI: &str = "admin-cli";
+
+fn describe_scope(s: &Scope) -> String {
+    if s.is_all() {
+        "everything".into()
+    } else {
+        format!(
+            "regions={} sites={}",
+            s.regions.join(","),
+            s.sites.join(",")
+        )
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let date = relais_core::ledger::date_of_days(days);
+    format!(
+        "{date} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    use relais_core::audit::{parse_time, AuditAction, AuditFilter};
+    let since = args
+        .since
+        .as_deref()
+        .map(parse_time)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let action = args
+        .action
+        .as_deref()
+        .map(str::parse::<AuditAction>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let document = args
+        .document
+        .as_deref()
+        .map(|d| {
+            d.trim_start_matches("automerge:")
+                .parse::<relais_core::DocumentId>()
+        })
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("bad document id: {e}"))?;
+    let print = |e: &serde_json::Value| {
+        if args.json {
+            println!("{e}");
+        } else {
+            println!(
+                "{}\t{}\t{}\t{}\t{}",
+                e["at"].as_i64().map(format_ms).unwrap_or_default(),
+                e["token"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+                e["document"].as_str().unwrap_or("-"),
+                e["detail"].as_str().unwrap_or("")
+            );
+        }
+    };
+    let mut after = 0u64;
+    if let Some(r) = args.remote.connect()? {
+        let mut q = Vec::new();
+        if let Some(s) = since {
+            q.push(format!("since={s}"));
+        }
+        if let Some(t) = &args.token {
+            q.push(format!("token={}", urlencode(t)));
+        }
+        if let Some(a) = action {
+            q.push(format!("action={}", a.as_str()));
+        }
+        if let Some(d) = document {
+            q.push(format!("document={d}"));
+        }
+        loop {
+            let mut query = q.clone();
+            query.push(format!("after={after}"));
+            let page = r.call("GET", &format!("/api/v1/audit?{}", query.join("&")), None)?;
+            for e in page["entries"].as_array().into_iter().flatten() {
+                print(e);
+            }
+            match page["next"].as_u64() {
+                Some(n) => after = n,
+                None => return Ok(()),
+            }
+        }
+    }
+    let store = open(&args.data.data)?;
+    let filter = AuditFilter {
+        since,
+        token: args.token.clone(),
+        action,
+        document,
+    };
+    loop {
+        let (entries, next) = relais_server::audit_page(&store, &filter, after, 4_096)?;
+        for e in &entries {
+            print(e);
+        }
+        match next {
+            Some(n) => after = n,
+            None => return Ok(()),
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Remote {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl RemoteArgs {
+    /// `None` when no --server was given: work on the local store.
+    fn connect(&self) -> anyhow::Result<Option<Remote>> {
+        let Some(server) = &self.server else {
+            return Ok(None);
+        };
+        let Some(token) = &self.admin_token else {
+            bail!("--server needs --admin-token (or RELAIS_ADMIN_TOKEN)");
+        };
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|i| match i {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            if certs.is_empty() {
+                bail!("{} holds no PEM certificate", ca.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(120)))
+            .build()
+            .new_agent();
+        Ok(Some(Remote {
+            base: server.trim_end_matches('/').to_string(),
+            token: token.clone(),
+            agent,
+        }))
+    }
+}
+
+impl Remote {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{}", self.base, path);
+        let auth = format!("Bearer {}", self.token);
+        let resp = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
+            (_, Some(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            _ => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        let mut resp = resp.with_context(|| format!("cannot reach {}", self.base))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        if status >= 400 {
+            let msg = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{} answered {status}: {msg}", self.base);
+        }
+        Ok(value)
+    }
+}
+
 fn admin_ledger(data: &std::path::Path) -> anyhow::Result<Ledger> {
     Ok(Ledger::new(
         open(data)?,
         Writer {
-            enumerator: "admin-cli".into(),
+            enumerator: ADMIN_CLI.into(),
             device: "server".into(),
         },
     )?)
@@ -207,6 +514,26 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             .max_loaded_docs
             .or(file.max_loaded_docs)
             .unwrap_or(d.max_loaded_docs),
+        tls: match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("TLS needs both a certificate (tls-cert) and a private key (tls-key)"),
+        },
+        upstream: match (
+            args.upstream.or(file.upstream),
+            args.upstream_token.or(file.upstream_token),
+        ) {
+            (Some(url), Some(token)) => Some(config::Upstream {
+                url,
+                token,
+                ca: args.upstream_ca.or(file.upstream_ca),
+            }),
+            (None, _) => None,
+            (Some(_), None) => bail!("an upstream needs a token (upstream-token)"),
+        },
     })
 }
 
@@ -267,8 +594,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {}", cfg.listen))?;
                 let addr = listener.local_addr()?;
+                let (http, ws) = if cfg.tls.is_some() {
+                    ("https", "wss")
+                } else {
+                    ("http", "ws")
+                };
                 println!(
-                    "relais listening on http://{addr} (sync: ws://{addr}/sync), store {}",
+                    "relais listening on {http}://{addr} (sync: {ws}://{addr}/sync), store {}",
                     cfg.store_path().display()
                 );
                 if store.is_empty()? && tokens::list(&store)?.is_empty() {
@@ -289,7 +621,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sites,
             } => {
                 let store = open(&data.data)?;
-                let (token, rec) = tokens::create(&store, &name, role, Scope { regions, sites })?;
+                let (token, rec) =
+                    tokens::create(&store, &name, role, Scope { regions, sites }, ADMIN_CLI)?;
                 eprintln!(
                     "created token {:?} (role {}); it is shown once, keep it safe:",
                     rec.name,
@@ -321,11 +654,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             TokenCmd::Revoke { data, name } => {
                 let store = open(&data.data)?;
-                tokens::revoke(&store, &name)?;
+                tokens::revoke(&store, &name, ADMIN_CLI)?;
                 println!("revoked {name}");
                 Ok(())
             }
+            TokenCmd::Scope {
+                data,
+                name,
+                regions,
+                sites,
+            } => {
+                let store = open(&data.data)?;
+                let rec = tokens::set_scope(&store, &name, Scope { regions, sites })?;
+                println!("{name} now covers {}", describe_scope(&rec.scope));
+                Ok(())
+            }
         },
+        Command::Household(HouseholdCmd::Erase { id, data, remote }) => {
+            let doc: relais_core::DocumentId = id
+                .trim_start_matches("automerge:")
+                .parse()
+                .map_err(|e| anyhow::anyhow!("bad household id {id:?}: {e}"))?;
+            if let Some(r) = remote.connect()? {
+                r.call("DELETE", &format!("/api/v1/households/{doc}"), None)?;
+            } else {
+                let mut store = open(&data.data)?;
+                match store.meta(doc)? {
+                    Some(m) if m.info.kind == relais_core::document::DocKind::Household => {}
+                    _ => bail!("unknown household {doc} in {}", data.data.display()),
+                }
+                let entry = relais_core::audit::AuditEntry::now(
+                    ADMIN_CLI,
+                    relais_core::audit::AuditAction::Erase,
+                    Some(doc),
+                );
+                store.erase(doc, &[entry])?;
+                store.compact_file()?;
+            }
+            println!("erased household {doc}; replicas purge it at their next sync");
+            Ok(())
+        }
+        Command::Audit(args) => audit(args),
+        Command::Compact(data) => {
+            let mut store = open(&data.data)?;
+            let before = std::fs::metadata(store.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            store.compact_file()?;
+            let after = std::fs::metadata(store.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            println!(
+                "compacted {}: {before} B -> {after} B",
+                store.path().display()
+            );
+            Ok(())
+        }
+        Command::Devices(remote) => {
+            let Some(r) = remote.connect()? else {
+                bail!("devices are tracked by a running server: pass --server and --admin-token");
+            };
+            let list = r.call("GET", "/api/v1/devices", None)?;
+            for d in list.as_array().into_iter().flatten() {
+                let seen = d["last_seen"]
+                    .as_i64()
+                    .map(format_ms)
+                    .unwrap_or_else(|| "never".into());
+                println!(
+                    "{}\t{}\t{}\tconnections={}\tlast seen {}",
+                    d["name"].as_str().unwrap_or(""),
+                    d["role"].as_str().unwrap_or(""),
+                    if d["revoked"].as_bool() == Some(true) {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    d["connections"],
+                    seen
+                );
+            }
+            Ok(())
+        }
         Command::Site(SiteCmd::Add {
             data,
             code,
@@ -374,7 +783,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("campaign {code} saved as {}", id.url());
             Ok(())
         }
-        Command::Status(data) => {
+        Command::Status(StatusArgs { data, remote }) => {
+            if let Some(r) = remote.connect()? {
+                let v = r.call("GET", "/api/v1/status", None)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             let store = open(&data.data)?;
             let docs = store.list()?;
             let count = |k| docs.iter().filter(|(_, m)| m.info.kind == k).count();

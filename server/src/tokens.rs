@@ -1,7 +1,9 @@
 //! Device tokens: created by an admin, shown once, kept only as a SHA-256 hash.
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-use relais_core::access::{Identity, Role, Scope};
+use relais_core::access::{FormerScope, Identity, Role, Scope};
+use relais_core::audit::{AuditAction, AuditEntry};
+use relais_core::store::append_audit;
 use relais_core::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,6 +26,9 @@ pub struct TokenRecord {
     pub created_at: i64,
     /// Unix milliseconds, when revoked.
     pub revoked_at: Option<i64>,
+    /// What the token covered before its scope last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub former: Option<FormerScope>,
 }
 
 impl TokenRecord {
@@ -33,6 +38,7 @@ impl TokenRecord {
             device: self.name.clone(),
             role: self.role,
             scope: self.scope.clone(),
+            former: self.former.clone(),
         }
     }
 }
@@ -91,6 +97,7 @@ pub fn create(
     name: &str,
     role: Role,
     scope: Scope,
+    by: &str,
 ) -> Result<(String, TokenRecord), TokenError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -109,6 +116,7 @@ pub fn create(
         scope,
         created_at: now_ms(),
         revoked_at: None,
+        former: None,
     };
     let txn = store.database().begin_write()?;
     {
@@ -121,6 +129,11 @@ pub fn create(
         txn.open_table(TOKEN_HASHES)?
             .insert(record.hash.as_str(), name)?;
     }
+    append_audit(
+        &txn,
+        &[AuditEntry::now(by, AuditAction::TokenCreated, None)
+            .with_detail(format!("{name} ({})", role.as_str()))],
+    )?;
     txn.commit()?;
     Ok((token, record))
 }
@@ -144,7 +157,7 @@ pub fn list(store: &Store) -> Result<Vec<TokenRecord>, TokenError> {
 }
 
 /// Revokes a token by name. Returns the record as revoked.
-pub fn revoke(store: &Store, name: &str) -> Result<TokenRecord, TokenError> {
+pub fn revoke(store: &Store, name: &str, by: &str) -> Result<TokenRecord, TokenError> {
     let txn = store.database().begin_write()?;
     let record;
     {
@@ -160,6 +173,40 @@ pub fn revoke(store: &Store, name: &str) -> Result<TokenRecord, TokenError> {
         let bytes = serde_json::to_vec(&r).expect("record serialises");
         tokens.insert(name, bytes.as_slice())?;
         txn.open_table(TOKEN_HASHES)?.remove(r.hash.as_str())?;
+        record = r;
+    }
+    append_audit(
+        &txn,
+        &[AuditEntry::now(by, AuditAction::TokenRevoked, None).with_detail(name)],
+    )?;
+    txn.commit()?;
+    Ok(record)
+}
+
+/// Changes a token's scope. Devices using it reconnect with the new scope, and are told to
+/// purge what the old scope covered and the new one does not.
+pub fn set_scope(store: &Store, name: &str, scope: Scope) -> Result<TokenRecord, TokenError> {
+    // Devices that listed changes before this point get a full listing once.
+    let seq = store.mark_feed()?;
+    let txn = store.database().begin_write()?;
+    let record;
+    {
+        let mut tokens = txn.open_table(TOKENS)?;
+        let Some(v) = tokens.get(name)?.map(|g| g.value().to_vec()) else {
+            return Err(TokenError::Unknown(name.to_string()));
+        };
+        let mut r: TokenRecord =
+            serde_json::from_slice(&v).map_err(|_| TokenError::Unknown(name.to_string()))?;
+        if r.scope != scope {
+            let before = match &r.former {
+                Some(f) => f.scope.union(&r.scope),
+                None => r.scope.clone(),
+            };
+            r.former = Some(FormerScope { scope: before, seq });
+            r.scope = scope;
+        }
+        let bytes = serde_json::to_vec(&r).expect("record serialises");
+        tokens.insert(name, bytes.as_slice())?;
         record = r;
     }
     txn.commit()?;
@@ -197,23 +244,30 @@ mod tests {
     fn create_authenticate_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("s.redb")).unwrap();
-        let (tok, rec) = create(&store, "tab-1", Role::Enumerator, Scope::all()).unwrap();
+        let (tok, rec) = create(&store, "tab-1", Role::Enumerator, Scope::all(), "t").unwrap();
         assert_eq!(rec.hash, hash(&tok));
         assert_eq!(authenticate(&store, &tok).unwrap().unwrap().name, "tab-1");
         assert!(authenticate(&store, "rls_wrong").unwrap().is_none());
         assert!(matches!(
-            create(&store, "tab-1", Role::Viewer, Scope::all()),
+            create(&store, "tab-1", Role::Viewer, Scope::all(), "t"),
             Err(TokenError::Exists(_))
         ));
         assert!(matches!(
-            create(&store, "bad name", Role::Viewer, Scope::all()),
+            create(&store, "bad name", Role::Viewer, Scope::all(), "t"),
             Err(TokenError::BadName(_))
         ));
-        revoke(&store, "tab-1").unwrap();
+        let audit = store.audit_since(0, 10).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].1.action, AuditAction::TokenCreated);
+        revoke(&store, "tab-1", "t").unwrap();
+        assert_eq!(
+            store.audit_since(1, 10).unwrap()[0].1.action,
+            AuditAction::TokenRevoked
+        );
         assert!(authenticate(&store, &tok).unwrap().is_none());
         assert!(list(&store).unwrap()[0].revoked_at.is_some());
         assert!(matches!(
-            revoke(&store, "nope"),
+            revoke(&store, "nope", "t"),
             Err(TokenError::Unknown(_))
         ));
     }

@@ -101,6 +101,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
         return;
     }
     app.metrics.connections.inc();
+    app.devices.connected(&device);
     tracing::info!(conn, "connected");
     let (mut sink, mut stream) = socket.split();
     let metrics = app.metrics.clone();
@@ -174,6 +175,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     // Let the writer flush a close frame, but never hang on a dead peer.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     app.metrics.connections.dec();
+    app.devices.disconnected(&device);
     tracing::info!(conn, device = %device, "disconnected");
 }
 

@@ -11,6 +11,10 @@ pub enum ClientError {
     /// The server could not be reached, or the link dropped. Retry later; nothing is lost.
     #[error("network: {0}")]
     Network(String),
+    /// The server's certificate was not trusted, or TLS could not be set up. Retrying will
+    /// not help: check the CA or pin given in [`crate::SyncOptions::tls`].
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server refused the token (unknown, revoked, or too many failed attempts).
     #[error("authentication refused: {0}")]
     Auth(String),

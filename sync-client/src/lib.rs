@@ -56,6 +56,7 @@
 
 mod error;
 mod session;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,7 @@ use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
 pub use session::SyncSummary;
+pub use tls::TlsTrust;
 
 /// Something that changed in the replica because of a sync.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +136,12 @@ impl Replica {
     /// writing as `writer`.
     pub fn open(dir: impl AsRef<Path>, writer: Writer) -> Result<Self, ClientError> {
         let dir = dir.as_ref().to_path_buf();
-        let store = Store::open(dir.join("replica.redb"))?;
+        let mut store = Store::open(dir.join("replica.redb"))?;
+        if store.compact_pending()? {
+            // Households erased at the server were purged here during an earlier session;
+            // rewrite the file so none of their bytes stay on the tablet's disk.
+            store.compact_file()?;
+        }
         let peer_id = match store.get_meta(PEER_KEY)? {
             Some(p) => String::from_utf8_lossy(&p).to_string(),
             None => {
@@ -310,6 +317,8 @@ pub struct SyncOptions {
     pub max_backoff: Duration,
     /// How long a background sync waits after a local write before pushing, to batch writes.
     pub push_delay: Duration,
+    /// Which server certificates to accept on `wss://`.
+    pub tls: TlsTrust,
 }
 
 impl Default for SyncOptions {
@@ -321,6 +330,7 @@ impl Default for SyncOptions {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
             push_delay: Duration::from_millis(200),
+            tls: TlsTrust::default(),
         }
     }
 }

@@ -80,6 +80,13 @@ fn connect_error(e: tungstenite::Error) -> ClientError {
                 ClientError::Protocol(format!("server answered {status}: {body}"))
             }
         }
+        tungstenite::Error::Tls(e) => ClientError::Tls(e.to_string()),
+        tungstenite::Error::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            ClientError::Tls(e.to_string())
+        }
         other => ClientError::Network(other.to_string()),
     }
 }
@@ -104,9 +111,17 @@ pub(crate) async fn run(
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(opts.max_frame_bytes))
         .max_frame_size(Some(opts.max_frame_bytes));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), false)
-        .await
-        .map_err(connect_error)?;
+    let connector = if url.starts_with("wss:") {
+        Some(tokio_tungstenite::Connector::Rustls(
+            opts.tls.client_config()?,
+        ))
+    } else {
+        None
+    };
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), false, connector)
+            .await
+            .map_err(connect_error)?;
     let (mut sink, mut stream) = ws.split();
     let store = replica.ledger().store_arc();
     let mut hub = Hub::new(
@@ -288,8 +303,18 @@ where
                 recv_docs.insert(id);
                 replica.emit(ReplicaEvent::DocumentChanged(id));
             }
-            Event::Purge { id, .. } => {
-                store.remove(id)?;
+            Event::Purge { id, erased, .. } => {
+                // Told twice (a live notice and a listing) counts once.
+                let held = store.meta(id)?.is_some_and(|m| !m.info.erased);
+                if erased {
+                    // A tombstone, so that no other server or stale copy brings it back here.
+                    store.erase(id, &[])?;
+                } else {
+                    store.remove(id)?;
+                }
+                if !held {
+                    continue;
+                }
                 summary.documents_purged += 1;
                 replica.emit(ReplicaEvent::DocumentPurged(id));
             }

@@ -151,7 +151,7 @@ impl Server {
             .expect("relais serve printed nothing")
             .expect("read stdout");
         let addr = first
-            .split("http://")
+            .split("://")
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
             .and_then(|a| a.parse().ok())
@@ -172,6 +172,11 @@ impl Server {
     /// The sync URL.
     pub fn url(&self) -> String {
         format!("ws://{}/sync", self.addr)
+    }
+
+    /// The sync URL over TLS (for a server started with `--tls-cert`).
+    pub fn wss_url(&self) -> String {
+        format!("wss://{}/sync", self.addr)
     }
 
     /// SIGTERM, then wait for exit.

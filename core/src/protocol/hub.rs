@@ -20,14 +20,15 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::access::Identity;
+use crate::audit::{AuditAction, AuditEntry};
 use crate::document::{self, DocInfo, DocKind};
 use crate::protocol::message::{
     DecodeError, DocMessage, FeedDoc, Message, PeerMetadata, PROTOCOL_RELAIS, PROTOCOL_V1,
 };
-use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc};
+use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc, FEED_MARKER};
 use crate::DocumentId;
 
 /// Identifies one connection, chosen by the adapter.
@@ -121,6 +122,8 @@ pub struct Step {
     pub closes: Vec<(ConnId, String)>,
     /// Sync messages that brought new changes (for metrics).
     pub merges: u64,
+    /// Audit records, to commit with the writes.
+    pub audit: Vec<AuditEntry>,
     /// What happened, for the adapter and the application.
     pub events: Vec<Event>,
 }
@@ -147,6 +150,9 @@ pub enum Event {
         conn: ConnId,
         /// The document.
         id: DocumentId,
+        /// It was erased: keep a tombstone ([`crate::store::Store::erase`]) so it never comes
+        /// back. Otherwise it only left this replica's scope.
+        erased: bool,
     },
     /// An outbound connection is fully in sync: everything this replica holds is confirmed
     /// by the remote, and everything the remote listed is here. Persist the cursors to
@@ -166,6 +172,19 @@ pub enum Event {
 impl Step {
     fn send(&mut self, conn: ConnId, msg: &Message) {
         self.sends.push((conn, msg.encode()));
+    }
+
+    fn audit(&mut self, identity: &Identity, action: AuditAction, id: DocumentId) {
+        self.audit
+            .push(AuditEntry::now(identity.device.clone(), action, Some(id)));
+    }
+
+    fn refused(&mut self, identity: &Identity, id: DocumentId, reason: &str) {
+        tracing::warn!(device = %identity.device, document = %id, "refused a change: {reason}");
+        self.audit.push(
+            AuditEntry::now(identity.device.clone(), AuditAction::RefusedWrite, Some(id))
+                .with_detail(reason),
+        );
     }
 }
 
@@ -216,6 +235,17 @@ struct Conn {
     /// Key under which this peer's sync states are saved: its device (from its token) and
     /// the storage id it declared. `None` for ephemeral peers and outbound connections.
     state_key: Option<String>,
+    /// Documents whose refused writes were already audited on this connection.
+    refused: HashSet<DocumentId>,
+}
+
+/// The fields of a `relais-changes` message.
+struct Listing {
+    docs: Vec<FeedDoc>,
+    cursor: u64,
+    more: bool,
+    purge: Vec<String>,
+    erased: Vec<String>,
 }
 
 /// Counters for metrics.
@@ -320,6 +350,7 @@ impl<S: HubStore> Hub<S> {
                 outbound: None,
                 announced: HashSet::new(),
                 state_key: None,
+                refused: HashSet::new(),
             },
         );
     }
@@ -348,6 +379,7 @@ impl<S: HubStore> Hub<S> {
                 subscribed: HashSet::new(),
                 announced: HashSet::new(),
                 state_key: None,
+                refused: HashSet::new(),
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
@@ -534,8 +566,19 @@ impl<S: HubStore> Hub<S> {
                 cursor,
                 more,
                 purge,
+                erased,
                 ..
-            } if outbound => self.changes(conn, docs, cursor, more, purge, step),
+            } if outbound => self.changes(
+                conn,
+                Listing {
+                    docs,
+                    cursor,
+                    more,
+                    purge,
+                    erased,
+                },
+                step,
+            ),
             Message::DocUnavailable { document_id, .. } => {
                 if let Ok(id) = document_id.parse::<DocumentId>() {
                     // A placeholder made for a request that found nothing.
@@ -641,7 +684,10 @@ impl<S: HubStore> Hub<S> {
                 .unwrap_or(0);
             for e in page {
                 cursor = e.seq;
-                if self.conns[&conn].identity.can_read(&e.meta.info) {
+                if e.id == FEED_MARKER {
+                    continue;
+                }
+                if !e.meta.info.erased && self.conns[&conn].identity.can_read(&e.meta.info) {
                     // A stock server may not answer a first message that only announces heads
                     // for a document it lacks (the reference server with its default share
                     // policy does not), so documents written since the last sync with it go
@@ -693,6 +739,10 @@ impl<S: HubStore> Hub<S> {
             }
         }
         match self.ensure_loaded(id) {
+            Ok(true) if self.docs[&id].info.erased => {
+                // Erased here: never offered nor fetched again.
+                return;
+            }
             Ok(true) => {}
             Ok(false) => {
                 self.insert_placeholder(id);
@@ -724,17 +774,17 @@ impl<S: HubStore> Hub<S> {
         self.reply(conn, id, step);
     }
 
-    fn changes(
-        &mut self,
-        conn: ConnId,
-        docs: Vec<FeedDoc>,
-        cursor: u64,
-        more: bool,
-        purge: Vec<String>,
-        step: &mut Step,
-    ) {
+    fn changes(&mut self, conn: ConnId, listing: Listing, step: &mut Step) {
+        let Listing {
+            docs,
+            cursor,
+            more,
+            purge,
+            erased,
+        } = listing;
         for p in purge {
             if let Ok(id) = p.parse::<DocumentId>() {
+                let erased = erased.contains(&p);
                 self.docs.remove(&id);
                 for c in self.subs.get(&id).cloned().unwrap_or_default() {
                     self.unsubscribe(c, id);
@@ -743,7 +793,7 @@ impl<S: HubStore> Hub<S> {
                     o.awaiting.remove(&id);
                     o.queued.retain(|q| *q != id);
                 }
-                step.events.push(Event::Purge { conn, id });
+                step.events.push(Event::Purge { conn, id, erased });
             }
         }
         for d in docs {
@@ -952,13 +1002,25 @@ impl<S: HubStore> Hub<S> {
                 return self.unavailable(conn, m.document_id, step);
             }
         };
+        let identity = self.conns[&conn].identity.clone();
+        if loaded && self.docs[&id].info.erased {
+            // A tombstone: nobody gets it back, nobody brings it back. A device that may
+            // have held it is told to purge its copy.
+            let info = self.docs[&id].info.clone();
+            if !sync_msg.changes.is_empty() || !sync_msg.heads.is_empty() {
+                self.refuse_once(conn, &identity, id, "erased", step);
+            }
+            if identity.can_read(&info) {
+                self.purge_notice(conn, id, true, step);
+            }
+            return self.unavailable(conn, m.document_id, step);
+        }
         // An empty placeholder (made for an earlier message) is not a known document.
         let known = loaded && !self.docs[&id].doc.get_heads().is_empty();
-        let identity = self.conns[&conn].identity.clone();
         if known && !identity.can_read(&self.docs[&id].info) {
             // Out of scope answers exactly as unknown, so ids cannot be probed.
             if !sync_msg.changes.is_empty() {
-                tracing::warn!(device = %identity.device, document = %id, "refused a write out of scope");
+                step.refused(&identity, id, "out of scope");
             }
             if is_request || !sync_msg.changes.is_empty() {
                 return self.unavailable(conn, m.document_id, step);
@@ -998,9 +1060,17 @@ impl<S: HubStore> Hub<S> {
             self.insert_placeholder(id);
         }
         let can_write = !known || identity.can_write(&self.docs[&id].info);
-        if !can_write && !sync_msg.changes.is_empty() {
-            // The read-only sync state drops them; say so in the log.
-            tracing::warn!(device = %identity.device, document = %id, "refused changes from a read-only device");
+        if !can_write {
+            // The read-only sync state never asks for the device's changes and drops any it
+            // sends; a device holding changes the server lacks is trying to write.
+            let doc = &self.docs[&id].doc;
+            let unknown = sync_msg
+                .heads
+                .iter()
+                .any(|h| doc.get_change_by_hash(h).is_none());
+            if unknown || !sync_msg.changes.is_empty() {
+                self.refuse_once(conn, &identity, id, "read-only device", step);
+            }
         }
         self.ensure_state(conn, id, can_write);
         let entry = self.docs.get_mut(&id).expect("loaded above");
@@ -1046,7 +1116,7 @@ impl<S: HubStore> Hub<S> {
                 let allowed = identity.can_write(&info)
                     || (known && identity.can_write(&old_info) && info.kind == DocKind::Household);
                 if !allowed {
-                    tracing::warn!(device = %identity.device, document = %id, "refused a change out of scope");
+                    step.refused(&identity, id, "change out of scope");
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.syncs.remove(&id);
                     }
@@ -1060,6 +1130,9 @@ impl<S: HubStore> Hub<S> {
                     .push(DocWrite::from_doc(id, info, &entry.doc, base));
                 entry.persisted = after;
                 step.merges += 1;
+                if self.conns[&conn].outbound.is_none() {
+                    step.audit(&identity, AuditAction::Write, id);
+                }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.announced.remove(&id);
                 }
@@ -1149,6 +1222,13 @@ impl<S: HubStore> Hub<S> {
         let Some(msg) = entry.doc.generate_sync_message(state) else {
             return false;
         };
+        if !msg.changes.is_empty() && c.outbound.is_none() {
+            step.audit.push(AuditEntry::now(
+                c.identity.device.clone(),
+                AuditAction::SyncRead,
+                Some(id),
+            ));
+        }
         let dm = DocMessage {
             sender_id: self.cfg.peer_id.clone(),
             target_id: c.peer_id.clone(),
@@ -1187,21 +1267,7 @@ impl<S: HubStore> Hub<S> {
                 // The document left this peer's scope (a household moved): it hears nothing
                 // more of it, and a Relais client is told to delete its copy. Stock clients
                 // never see extension messages.
-                let c = &self.conns[other];
-                if c.ext && c.outbound.is_none() {
-                    let peer = c.peer_id.clone();
-                    step.send(
-                        *other,
-                        &Message::Changes {
-                            sender_id: self.cfg.peer_id.clone(),
-                            target_id: peer,
-                            docs: Vec::new(),
-                            cursor: 0,
-                            more: false,
-                            purge: vec![id.to_string()],
-                        },
-                    );
-                }
+                self.purge_notice(*other, id, false, step);
                 self.unsubscribe(*other, id);
             }
         }
@@ -1246,9 +1312,73 @@ impl<S: HubStore> Hub<S> {
                     cursor: 0,
                     more: false,
                     purge: Vec::new(),
+                    erased: Vec::new(),
                 },
             );
         }
+    }
+
+    /// Logs and audits a refused write, once per connection and document.
+    fn refuse_once(
+        &mut self,
+        conn: ConnId,
+        identity: &Identity,
+        id: DocumentId,
+        reason: &str,
+        step: &mut Step,
+    ) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.refused.insert(id) {
+                step.refused(identity, id, reason);
+            }
+        }
+    }
+
+    /// Tells a Relais client, live, to delete its copy of a document. Stock clients and
+    /// upstream servers never see extension messages.
+    fn purge_notice(&self, conn: ConnId, id: DocumentId, erased: bool, step: &mut Step) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if !c.ext || c.outbound.is_some() {
+            return;
+        }
+        let doc = id.to_string();
+        step.send(
+            conn,
+            &Message::Changes {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id: c.peer_id.clone(),
+                docs: Vec::new(),
+                cursor: 0,
+                more: false,
+                purge: vec![doc.clone()],
+                erased: if erased { vec![doc] } else { Vec::new() },
+            },
+        );
+    }
+
+    /// A document was erased in the store: forget it, and tell every connected Relais client
+    /// that may hold it to purge its copy.
+    pub fn erased(&mut self, id: DocumentId, info: &DocInfo) -> Step {
+        let mut step = Step::default();
+        self.docs.remove(&id);
+        let readers: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Ready) && c.identity.can_read(info))
+            .map(|(cid, _)| *cid)
+            .collect();
+        for conn in readers {
+            self.purge_notice(conn, id, true, &mut step);
+            self.unsubscribe(conn, id);
+            if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
+                o.awaiting.remove(&id);
+                o.queued.retain(|q| *q != id);
+            }
+        }
+        self.subs.remove(&id);
+        step
     }
 
     fn unsubscribe(&mut self, conn: ConnId, id: DocumentId) {
@@ -1328,6 +1458,13 @@ impl<S: HubStore> Hub<S> {
         let peer = self.conns[&conn].peer_id.clone();
         let mut docs = Vec::new();
         let mut purge = Vec::new();
+        let mut erased = Vec::new();
+        // The token's scope changed after this device last listed: list everything again
+        // (it may now see documents changed long ago) and purge what it may no longer hold.
+        let (since, former) = match &identity.former {
+            Some(f) if since < f.seq => (0, Some(f.scope.clone())),
+            _ => (since, None),
+        };
         let mut cursor = since;
         let mut more = false;
         // Scan pages until one reply is full or the feed ends, skipping what the device
@@ -1343,11 +1480,24 @@ impl<S: HubStore> Hub<S> {
             let full = page.len() == self.cfg.feed_page;
             for e in page {
                 cursor = e.seq;
-                if !identity.can_read(&e.meta.info) {
+                if e.id == FEED_MARKER {
                     continue;
                 }
-                if e.meta.info.erased {
+                if !identity.can_read(&e.meta.info) {
+                    // A household that moved away from this device's sites: it may hold a
+                    // copy, so it must purge it. Any other device hears nothing of it.
+                    let moved_away =
+                        !e.meta.former_sites.is_empty() && identity.can_read(&e.meta.former_info());
+                    let rescoped = former.as_ref().is_some_and(|f| {
+                        f.covers(&e.meta.info)
+                            || (!e.meta.former_sites.is_empty() && f.covers(&e.meta.former_info()))
+                    });
+                    if moved_away || rescoped {
+                        purge.push(e.id.to_string());
+                    }
+                } else if e.meta.info.erased {
                     purge.push(e.id.to_string());
+                    erased.push(e.id.to_string());
                 } else {
                     docs.push(FeedDoc {
                         document_id: e.id.to_string(),
@@ -1377,6 +1527,7 @@ impl<S: HubStore> Hub<S> {
                 cursor,
                 more,
                 purge,
+                erased,
             },
         );
     }

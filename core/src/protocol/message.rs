@@ -304,6 +304,9 @@ pub enum Message {
         more: bool,
         /// Documents the client must delete (erased, or out of its scope).
         purge: Vec<String>,
+        /// Those of `purge` that were erased: keep a tombstone and never accept them again.
+        /// Omitted on the wire when empty.
+        erased: Vec<String>,
     },
 }
 
@@ -503,6 +506,7 @@ impl Message {
                     cursor: f.uint("cursor")?,
                     more: matches!(f.get("more"), Some(Value::Bool(true))),
                     purge: f.texts("purge")?,
+                    erased: f.texts("erased")?,
                 }
             }
             other => return Err(DecodeError::UnknownType(other.chars().take(64).collect())),
@@ -636,8 +640,10 @@ impl Message {
                 cursor,
                 more,
                 purge,
+                erased,
             } => {
-                e.map(7)?.str("type")?.str("relais-changes")?;
+                let fields = if erased.is_empty() { 7 } else { 8 };
+                e.map(fields)?.str("type")?.str("relais-changes")?;
                 e.str("senderId")?.str(sender_id)?;
                 e.str("targetId")?.str(target_id)?;
                 e.str("docs")?.array(docs.len() as u64)?;
@@ -653,6 +659,12 @@ impl Message {
                 e.str("purge")?.array(purge.len() as u64)?;
                 for p in purge {
                     e.str(p)?;
+                }
+                if !erased.is_empty() {
+                    e.str("erased")?.array(erased.len() as u64)?;
+                    for p in erased {
+                        e.str(p)?;
+                    }
                 }
             }
         }
@@ -739,7 +751,17 @@ mod tests {
                 }],
                 cursor: 43,
                 more: true,
+                purge: vec!["p".into(), "q".into()],
+                erased: vec!["q".into()],
+            },
+            Message::Changes {
+                sender_id: "s".into(),
+                target_id: "c".into(),
+                docs: Vec::new(),
+                cursor: 0,
+                more: false,
                 purge: vec!["p".into()],
+                erased: Vec::new(),
             },
         ]
     }
