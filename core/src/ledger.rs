@@ -269,7 +269,7 @@ impl Ledger {
             .store
             .list()?
             .into_iter()
-            .filter(|(_, m)| m.info.kind == kind && !m.info.erased)
+            .filter(|(_, m)| m.info.kind == kind && !m.info.erased && !m.gone)
             .map(|(id, _)| id)
             .collect())
     }

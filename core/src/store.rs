@@ -142,6 +142,10 @@ pub struct DocMeta {
     /// Regions of [`DocMeta::former_sites`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub former_regions: Vec<String>,
+    /// The document left this replica's scope ([`Store::forget`]): its bytes are gone, and
+    /// the feed tells devices that held it to purge it. A later write brings it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
 }
 
 impl DocMeta {
@@ -349,6 +353,9 @@ impl Store {
             return Ok(None);
         };
         let meta = decode_meta(id, meta.value())?;
+        if meta.gone {
+            return Ok(None);
+        }
         let doc = assemble(
             id,
             &txn.open_table(SNAPSHOTS)?,
@@ -394,8 +401,10 @@ impl Store {
                     .map(|g| decode_meta(w.id, g.value()))
                     .transpose()?;
                 let new_heads = hex_heads(&w.heads);
+                // A forgotten document has no site index entries left.
                 let old_sites = old
                     .as_ref()
+                    .filter(|m| !m.gone)
                     .map(|m| m.info.sites.clone())
                     .unwrap_or_default();
                 let mut meta = match old {
@@ -414,6 +423,11 @@ impl Store {
                             chunks.insert((key, old.chunks), w.data.as_slice())?;
                         }
                         let mut m = old;
+                        if m.gone {
+                            // Back in scope: the write carries the whole document.
+                            m.gone = false;
+                            m.heads.clear();
+                        }
                         if !w.data.is_empty() {
                             m.chunks += 1;
                         }
@@ -439,6 +453,7 @@ impl Store {
                             chunks: 0,
                             former_sites: Vec::new(),
                             former_regions: Vec::new(),
+                            gone: false,
                         }
                     }
                 };
@@ -656,6 +671,50 @@ impl Store {
         Ok(self.get_meta(COMPACT_PENDING)?.is_some())
     }
 
+    /// Drops a document that left this replica's scope (a server replica told so by its
+    /// upstream): its bytes and site index entries go, its metadata stays marked
+    /// [`DocMeta::gone`] with a new feed sequence, so that devices that held it are told to
+    /// purge it. Returns false for an unknown id.
+    pub fn forget(&self, id: DocumentId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let mut feed = txn.open_table(FEED)?;
+            let mut by_site = txn.open_table(BY_SITE)?;
+            let key = *id.as_bytes();
+            let old = docs
+                .get(&key)?
+                .map(|g| decode_meta(id, g.value()))
+                .transpose()?;
+            let Some(mut meta) = old else {
+                return Ok(false);
+            };
+            if meta.gone || meta.info.erased {
+                return Ok(true);
+            }
+            for n in 0..meta.chunks {
+                chunks.remove((key, n))?;
+            }
+            snaps.remove(&key)?;
+            for s in &meta.info.sites {
+                by_site.remove((s.as_str(), key))?;
+            }
+            let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            feed.remove(meta.seq)?;
+            meta.seq = next;
+            feed.insert(next, key)?;
+            meta.gone = true;
+            meta.heads.clear();
+            meta.chunks = 0;
+            let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+            docs.insert(key, bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
     /// Appends audit entries, durably.
     pub fn audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
         self.commit(&[], entries).map(|_| ())
@@ -709,6 +768,7 @@ impl Store {
                         chunks: 0,
                         former_sites: Vec::new(),
                         former_regions: Vec::new(),
+                        gone: false,
                     },
                 });
             } else if let Some(m) = docs.get(id.as_bytes())? {

@@ -270,7 +270,14 @@ fn an_erased_household_keeps_only_a_tombstone_that_nothing_overwrites() {
     let w = DocWrite::from_doc(hh, before.meta.info.clone(), &before.doc, Vec::new());
     l.store().write(&[w]).unwrap();
     assert!(l.store().meta(hh).unwrap().unwrap().info.erased);
-    assert!(l.store().load(hh).unwrap().unwrap().doc.get_heads().is_empty());
+    assert!(l
+        .store()
+        .load(hh)
+        .unwrap()
+        .unwrap()
+        .doc
+        .get_heads()
+        .is_empty());
     // Erasing twice is harmless; unknown ids are refused.
     assert!(l.store().erase(hh, &[]).unwrap().is_some());
     assert!(l.erase(DocumentId::random(), "admin").is_err());
@@ -278,7 +285,9 @@ fn an_erased_household_keeps_only_a_tombstone_that_nothing_overwrites() {
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].1.action, AuditAction::Erase);
     assert_eq!(audit[0].1.document, Some(hh));
-    l.store().audit(&[AuditEntry::now("x", AuditAction::Export, None)]).unwrap();
+    l.store()
+        .audit(&[AuditEntry::now("x", AuditAction::Export, None)])
+        .unwrap();
     assert_eq!(l.store().audit_since(1, 10).unwrap()[0].0, 2);
 }
 
@@ -318,4 +327,29 @@ fn a_feed_marker_moves_cursors_without_naming_a_document() {
     assert_eq!(after[0].id, FEED_MARKER);
     assert_eq!(after[0].seq, m2);
     assert!(l.store().meta(FEED_MARKER).unwrap().is_none());
+}
+
+#[test]
+fn a_forgotten_document_is_listed_as_gone_and_comes_back_on_a_later_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let hh = l.register(new_household("SOC-01", "Leaving")).unwrap();
+    let full = l.store().load(hh).unwrap().unwrap();
+    let seq = full.meta.seq;
+    assert!(l.store().forget(hh).unwrap());
+    assert!(!l.store().forget(DocumentId::random()).unwrap());
+    let meta = l.store().meta(hh).unwrap().unwrap();
+    assert!(meta.gone && meta.seq > seq);
+    assert!(l.store().load(hh).unwrap().is_none());
+    assert!(l.store().at_site("SOC-01").unwrap().iter().all(|id| *id != hh));
+    assert!(l.households().unwrap().is_empty());
+    // Back in scope: the whole document is written again.
+    let w = DocWrite::from_doc(hh, full.meta.info.clone(), &full.doc, Vec::new());
+    l.store().write(&[w]).unwrap();
+    let back = l.store().load(hh).unwrap().unwrap();
+    assert_eq!(back.doc.get_heads(), full.doc.get_heads());
+    assert!(!back.meta.gone);
+    assert!(l.store().at_site("SOC-01").unwrap().contains(&hh));
+    assert_eq!(l.household(hh).unwrap().household.head_name, "Leaving");
 }

@@ -100,6 +100,12 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     if let Ok(n) = app.store.len() {
         app.metrics.documents.set(n as i64);
     }
+    if app.upstream.is_some() {
+        let a = app.clone();
+        if let Ok(v) = tokio::task::spawn_blocking(move || a.upstream_status()).await {
+            app.metrics.set_upstream(&v);
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -422,11 +428,29 @@ pub async fn status(
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, "storage error".into())
     })?;
     let stats = app.engine.stats().await.unwrap_or_default();
+    let a = app.clone();
+    let upstream = tokio::task::spawn_blocking(move || a.upstream_status())
+        .await
+        .unwrap_or(serde_json::Value::Null);
     Ok(Json(json!({
         "store": counts,
         "connections": stats.ready_connections,
         "loaded_documents": stats.loaded_docs,
-        "upstream": app.upstream_status(),
+        "upstream": upstream,
     }))
     .into_response())
+}
+
+/// `GET /api/v1/upstream`: the link to the upstream server (null when there is none).
+pub async fn upstream(
+    State(app): State<Arc<App>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&app, addr, &headers)?;
+    let a = app.clone();
+    let v = tokio::task::spawn_blocking(move || a.upstream_status())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(v).into_response())
 }

@@ -13,12 +13,13 @@ use std::time::Instant;
 use relais_core::access::Identity;
 use relais_core::audit::{AuditAction, AuditEntry};
 use relais_core::document::DocKind;
-use relais_core::protocol::hub::{ConnId, Hub, HubConfig, HubStats, Step};
+use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, HubStats, Step};
 use relais_core::store::Store;
 use relais_core::DocumentId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::upstream::{self, Link};
 
 /// Inputs taken per round before committing.
 pub const MAX_BATCH: usize = 512;
@@ -57,6 +58,17 @@ pub enum Input {
         /// Where its frames go.
         outbox: mpsc::Sender<Outgoing>,
         /// Bytes in `outbox` not yet written to the socket (the writer subtracts).
+        queued: Arc<AtomicUsize>,
+    },
+    /// The link to the upstream server is open: start syncing over it as a client.
+    ConnectUpstream {
+        /// Connection id.
+        conn: ConnId,
+        /// The upstream URL (its cursors are saved under it).
+        url: String,
+        /// Where its frames go.
+        outbox: mpsc::Sender<Outgoing>,
+        /// Bytes in `outbox` not yet written to the socket.
         queued: Arc<AtomicUsize>,
     },
     /// A binary frame arrived.
@@ -114,13 +126,14 @@ impl Engine {
         cfg: HubConfig,
         send_buffer_bytes: usize,
         metrics: Arc<Metrics>,
+        link: Option<Arc<Link>>,
     ) -> (Engine, std::thread::JoinHandle<()>) {
         // Bounded: when the engine falls behind, connection readers wait, which pushes back
         // on the sockets instead of growing memory.
         let (tx, rx) = mpsc::channel(8_192);
         let handle = std::thread::Builder::new()
             .name("relais-engine".into())
-            .spawn(move || run(store, cfg, send_buffer_bytes, metrics, rx))
+            .spawn(move || run(store, cfg, send_buffer_bytes, metrics, link, rx))
             .expect("spawn engine thread");
         (Engine { tx }, handle)
     }
@@ -146,6 +159,7 @@ fn merge(into: &mut Step, s: Step) {
     into.closes.extend(s.closes);
     into.merges += s.merges;
     into.audit.extend(s.audit);
+    into.events.extend(s.events);
 }
 
 struct Outbox {
@@ -173,7 +187,7 @@ fn erase(
     match store.erase(id, &[entry]) {
         Ok(Some(tomb)) => {
             tracing::info!(document = %id, by, "household erased");
-            merge(step, hub.erased(id, &tomb.info));
+            merge(step, hub.purged(id, &tomb.info, true));
             Ok(true)
         }
         Ok(None) => Ok(false),
@@ -181,14 +195,53 @@ fn erase(
     }
 }
 
+/// The upstream link as the engine sees it.
+struct UpstreamConn {
+    conn: ConnId,
+    url: String,
+}
+
+/// What the upstream told this replica to purge: keep a tombstone (erased) or drop the
+/// document (it left this server's scope), then tell the local devices that may hold it.
+fn purge_from_upstream(
+    store: &Store,
+    hub: &mut Hub<Arc<Store>>,
+    id: DocumentId,
+    erased: bool,
+) -> Step {
+    let info = match store.meta(id) {
+        Ok(Some(m)) => m.info,
+        Ok(None) => return Step::default(),
+        Err(e) => {
+            tracing::error!(document = %id, error = %e, "cannot read a document to purge");
+            return Step::default();
+        }
+    };
+    let done = if erased {
+        let entry = AuditEntry::now("upstream", AuditAction::Erase, Some(id))
+            .with_detail("erased upstream");
+        store.erase(id, &[entry]).map(|_| ())
+    } else {
+        store.forget(id).map(|_| ())
+    };
+    if let Err(e) = done {
+        tracing::error!(document = %id, error = %e, "cannot purge a document");
+        return Step::default();
+    }
+    tracing::info!(document = %id, erased, "purged at the upstream's request");
+    hub.purged(id, &info, erased)
+}
+
 fn run(
     store: Arc<Store>,
     cfg: HubConfig,
     send_buffer_bytes: usize,
     metrics: Arc<Metrics>,
+    link: Option<Arc<Link>>,
     mut rx: mpsc::Receiver<Input>,
 ) {
     let mut hub = Hub::new(cfg, store.clone());
+    let mut upstream: Option<UpstreamConn> = None;
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -219,6 +272,28 @@ fn run(
                     );
                     hub.connect(conn, identity);
                 }
+                Input::ConnectUpstream {
+                    conn,
+                    url,
+                    outbox,
+                    queued,
+                } => {
+                    outboxes.insert(
+                        conn,
+                        Outbox {
+                            tx: outbox,
+                            device: "upstream".into(),
+                            queued,
+                        },
+                    );
+                    let c = upstream::load_cursors(&store, &url);
+                    let remote = Identity::admin("upstream");
+                    merge(
+                        &mut step,
+                        hub.connect_outbound(conn, remote, c.remote, c.local, c.peer),
+                    );
+                    upstream = Some(UpstreamConn { conn, url });
+                }
                 Input::Frame { conn, bytes, at } => {
                     merge(&mut step, hub.receive(conn, &bytes));
                     arrivals.push(at);
@@ -226,6 +301,9 @@ fn run(
                 Input::Disconnect { conn } => {
                     hub.disconnect(conn);
                     outboxes.remove(&conn);
+                    if upstream.as_ref().is_some_and(|u| u.conn == conn) {
+                        upstream = None;
+                    }
                 }
                 Input::Reload { id } => merge(&mut step, hub.reload(id)),
                 Input::CloseDevice { device, reason } => {
@@ -258,6 +336,39 @@ fn run(
                 continue;
             }
             metrics.changes_merged.inc_by(step.merges);
+        }
+        // After the commit: what the upstream said is now durable here.
+        for event in std::mem::take(&mut step.events) {
+            match event {
+                Event::Synced {
+                    conn,
+                    remote_cursor,
+                    local_cursor,
+                    peer,
+                } => {
+                    if let Some(u) = upstream.as_ref().filter(|u| u.conn == conn) {
+                        let c = upstream::Cursors {
+                            peer: Some(peer),
+                            remote: remote_cursor,
+                            local: local_cursor,
+                            at_ms: Some(relais_core::audit::now_ms()),
+                        };
+                        if let Err(e) = upstream::save_cursors(&store, &u.url, &c) {
+                            tracing::warn!(error = %e, "could not save upstream cursors");
+                        } else {
+                            tracing::info!(remote_cursor, local_cursor, "in sync with upstream");
+                        }
+                    }
+                }
+                Event::Purge { id, erased, .. } => {
+                    let s = purge_from_upstream(&store, &mut hub, id, erased);
+                    step.sends.extend(s.sends);
+                }
+                _ => {}
+            }
+        }
+        if let (Some(l), Some(u)) = (&link, &upstream) {
+            l.set_awaiting(hub.awaiting(u.conn));
         }
         let mut overflowed = Vec::new();
         for (conn, frame) in step.sends {

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod metrics;
 pub mod tls;
 pub mod tokens;
+pub mod upstream;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -62,7 +63,9 @@ pub struct App {
     /// Flips to true on shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// Connection ids.
-    pub next_conn: AtomicU64,
+    pub next_conn: Arc<AtomicU64>,
+    /// The link to the upstream server, if this server replicates with one.
+    pub upstream: Option<Arc<upstream::Link>>,
     /// When each device was last connected.
     pub devices: devices::Devices,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -71,7 +74,10 @@ pub struct App {
 impl App {
     /// The upstream link's state, or null when this server has no upstream.
     pub fn upstream_status(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        match &self.upstream {
+            Some(l) => l.status(&self.store),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// Checks a presented token, slowing down addresses that keep guessing.
@@ -141,6 +147,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit", get(api::audit))
         .route("/api/v1/devices", get(api::devices))
         .route("/api/v1/status", get(api::status))
+        .route("/api/v1/upstream", get(api::upstream))
         .with_state(app)
 }
 
@@ -180,11 +187,16 @@ pub async fn serve(
         max_loaded_docs: cfg.max_loaded_docs,
         ..HubConfig::default()
     };
+    let link = cfg
+        .upstream
+        .as_ref()
+        .map(|u| Arc::new(upstream::Link::new(&u.url)));
     let (engine, engine_thread) = Engine::start(
         store.clone(),
         hub_cfg,
         cfg.send_buffer_bytes,
         metrics.clone(),
+        link.clone(),
     );
     let ledger = Ledger::new(
         store.clone(),
@@ -203,7 +215,8 @@ pub async fn serve(
         metrics,
         cfg,
         shutdown: stop_rx.clone(),
-        next_conn: AtomicU64::new(1),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        upstream: link.clone(),
         devices,
         failures: Mutex::new(HashMap::new()),
     });
@@ -225,6 +238,17 @@ pub async fn serve(
                 .await;
             }
         })
+    };
+    let upstream_task = match (&app.cfg.upstream, &link) {
+        (Some(u), Some(l)) => Some(tokio::spawn(upstream::run(
+            u.clone(),
+            app.engine.clone(),
+            l.clone(),
+            app.next_conn.clone(),
+            app.cfg.max_frame_bytes,
+            stop_rx.clone(),
+        ))),
+        _ => None,
     };
     let service = router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop_wait = stop_rx.clone();
@@ -263,6 +287,9 @@ pub async fn serve(
     server.await.context("server failed")?;
     let _stop_tx = trigger.await.ok();
     let _ = flusher.await;
+    if let Some(t) = upstream_task {
+        let _ = t.await;
+    }
     // Upgraded sockets are not tracked by the HTTP server: wait for them to close.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Arc::strong_count(&app) > 1 && Instant::now() < deadline {

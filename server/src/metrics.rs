@@ -28,6 +28,12 @@ pub struct Metrics {
     /// Time from receiving a frame to handing its replies to the connections, durable
     /// commit included.
     pub sync_latency: Histogram,
+    /// 1 while the upstream link is up (only with `--upstream`).
+    pub upstream_connected: Gauge<i64, AtomicI64>,
+    /// When the upstream last confirmed everything, seconds since the epoch.
+    pub upstream_last_full_sync: Gauge<i64, AtomicI64>,
+    /// Documents written here that the upstream has not confirmed yet.
+    pub upstream_pending_documents: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -42,6 +48,9 @@ impl Default for Metrics {
             bytes_out: Counter::default(),
             connections_dropped: Counter::default(),
             sync_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            upstream_connected: Gauge::default(),
+            upstream_last_full_sync: Gauge::default(),
+            upstream_pending_documents: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -72,11 +81,36 @@ impl Default for Metrics {
             "Time from receiving a frame to queueing its replies, commit included",
             m.sync_latency.clone(),
         );
+        registry.register(
+            "upstream_connected",
+            "1 while the link to the upstream server is up",
+            m.upstream_connected.clone(),
+        );
+        registry.register(
+            "upstream_last_full_sync_timestamp_seconds",
+            "When the upstream last confirmed everything",
+            m.upstream_last_full_sync.clone(),
+        );
+        registry.register(
+            "upstream_pending_documents",
+            "Documents written here not yet confirmed by the upstream",
+            m.upstream_pending_documents.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Copies the upstream link's state (from `Link::status`) into the gauges.
+    pub fn set_upstream(&self, v: &serde_json::Value) {
+        self.upstream_connected
+            .set(i64::from(v["connected"].as_bool() == Some(true)));
+        self.upstream_last_full_sync
+            .set(v["last_full_sync"].as_i64().unwrap_or(0) / 1000);
+        self.upstream_pending_documents
+            .set(v["pending_documents"].as_i64().unwrap_or(0));
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -61,7 +61,7 @@ impl TlsTrust {
     }
 
     /// The rustls client configuration for this trust.
-    pub(crate) fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, ClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

@@ -687,7 +687,8 @@ impl<S: HubStore> Hub<S> {
                 if e.id == FEED_MARKER {
                     continue;
                 }
-                if !e.meta.info.erased && self.conns[&conn].identity.can_read(&e.meta.info) {
+                let absent = e.meta.info.erased || e.meta.gone;
+                if !absent && self.conns[&conn].identity.can_read(&e.meta.info) {
                     // A stock server may not answer a first message that only announces heads
                     // for a document it lacks (the reference server with its default share
                     // policy does not), so documents written since the last sync with it go
@@ -1127,7 +1128,7 @@ impl<S: HubStore> Hub<S> {
                 entry.info = info.clone();
                 let base = std::mem::take(&mut entry.persisted);
                 step.writes
-                    .push(DocWrite::from_doc(id, info, &entry.doc, base));
+                    .push(DocWrite::from_doc(id, info.clone(), &entry.doc, base));
                 entry.persisted = after;
                 step.merges += 1;
                 if self.conns[&conn].outbound.is_none() {
@@ -1137,6 +1138,13 @@ impl<S: HubStore> Hub<S> {
                     c.announced.remove(&id);
                 }
                 step.events.push(Event::DocChanged { id });
+                if !identity.can_read(&info) {
+                    // The writer moved it out of its own scope: it keeps nothing of it.
+                    self.purge_notice(conn, id, false, step);
+                    self.unsubscribe(conn, id);
+                    self.relay(id, Some(conn), step);
+                    return;
+                }
                 self.subscribe(conn, id);
                 self.relay(id, Some(conn), step);
             }
@@ -1358,9 +1366,10 @@ impl<S: HubStore> Hub<S> {
         );
     }
 
-    /// A document was erased in the store: forget it, and tell every connected Relais client
-    /// that may hold it to purge its copy.
-    pub fn erased(&mut self, id: DocumentId, info: &DocInfo) -> Step {
+    /// A document was erased (or, with `erased` false, removed because it left this
+    /// replica's scope) in the store: forget it, and tell every connected Relais client that
+    /// may hold it to purge its copy.
+    pub fn purged(&mut self, id: DocumentId, info: &DocInfo, erased: bool) -> Step {
         let mut step = Step::default();
         self.docs.remove(&id);
         let readers: Vec<ConnId> = self
@@ -1370,7 +1379,7 @@ impl<S: HubStore> Hub<S> {
             .map(|(cid, _)| *cid)
             .collect();
         for conn in readers {
-            self.purge_notice(conn, id, true, &mut step);
+            self.purge_notice(conn, id, erased, &mut step);
             self.unsubscribe(conn, id);
             if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                 o.awaiting.remove(&id);
@@ -1498,6 +1507,9 @@ impl<S: HubStore> Hub<S> {
                 } else if e.meta.info.erased {
                     purge.push(e.id.to_string());
                     erased.push(e.id.to_string());
+                } else if e.meta.gone {
+                    // Left this server's scope: whoever could read it here may hold a copy.
+                    purge.push(e.id.to_string());
                 } else {
                     docs.push(FeedDoc {
                         document_id: e.id.to_string(),

@@ -1,0 +1,310 @@
+//! Replication with an upstream server: `relais serve --upstream wss://bamako/sync
+//! --upstream-token T` makes this server (a sub-office) also a replica of Bamako.
+//!
+//! The link is one more connection of the engine's hub, opened outwards with
+//! [`Hub::connect_outbound`](relais_core::protocol::hub::Hub::connect_outbound): the same
+//! client state machine relais-client drives, with the same fast-reconnect extension. So a
+//! change a tablet makes here is committed, then pushed upstream at once; a change arriving
+//! from upstream is committed, then relayed to the tablets here that may see it. Which
+//! documents travel is decided by the upstream token's scope, on the upstream server.
+//!
+//! This module holds the socket loop (connect, forward frames both ways, back off and
+//! retry) and the link's state for `/metrics`, `GET /api/v1/upstream` and `relais status`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use relais_client::TlsTrust;
+use relais_core::audit::now_ms;
+use relais_core::store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::config::Upstream;
+use crate::engine::{Engine, Input, Outgoing};
+
+/// First retry delay after the link drops.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A link silent for this long is considered dead and reopened.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the last full sync with the upstream left off, saved in the store's meta table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursors {
+    /// The upstream's peer id the cursors belong to.
+    pub peer: Option<String>,
+    /// Upstream feed cursor for the next `relais-changes-since`.
+    pub remote: u64,
+    /// Local feed sequence up to which the upstream has everything.
+    pub local: u64,
+    /// When that was, ms since the epoch.
+    pub at_ms: Option<i64>,
+}
+
+fn cursor_key(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or(url);
+    format!("upstream:cursor:{base}")
+}
+
+/// Reads the saved cursors for an upstream URL.
+pub fn load_cursors(store: &Store, url: &str) -> Cursors {
+    store
+        .get_meta(&cursor_key(url))
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Saves the cursors after a full sync.
+pub fn save_cursors(
+    store: &Store,
+    url: &str,
+    c: &Cursors,
+) -> Result<(), relais_core::store::StoreError> {
+    store.put_meta(
+        &cursor_key(url),
+        &serde_json::to_vec(c).expect("cursors serialise"),
+    )
+}
+
+/// The link's state, shared by the socket loop, the engine and the API.
+#[derive(Debug, Default)]
+pub struct Link {
+    inner: Mutex<LinkState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct LinkState {
+    url: String,
+    connected: bool,
+    conn: Option<u64>,
+    since: Option<i64>,
+    last_error: Option<String>,
+    connects: u64,
+    awaiting: usize,
+}
+
+impl Link {
+    /// A link to `url`, not connected yet.
+    pub fn new(url: &str) -> Self {
+        Link {
+            inner: Mutex::new(LinkState {
+                url: url.split('?').next().unwrap_or(url).to_string(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut LinkState) -> R) -> R {
+        f(&mut self.inner.lock().expect("not poisoned"))
+    }
+
+    /// The engine connection id of the link while it is up.
+    pub fn conn(&self) -> Option<u64> {
+        self.with(|s| s.conn)
+    }
+
+    /// True while the link is up.
+    pub fn connected(&self) -> bool {
+        self.with(|s| s.connected)
+    }
+
+    /// Documents the engine is still syncing with the upstream (set by the engine).
+    pub fn set_awaiting(&self, n: usize) {
+        self.with(|s| s.awaiting = n);
+    }
+
+    /// The link's state as JSON, with what the store says is not yet confirmed upstream.
+    pub fn status(&self, store: &Store) -> serde_json::Value {
+        let s = self.with(|s| s.clone());
+        let cursors = load_cursors(store, &s.url);
+        // Documents written here since the upstream last confirmed everything. Capped: the
+        // figure is for a dashboard, and a week offline is a few thousand.
+        let pending = store
+            .changes_since(cursors.local, 1_000_000)
+            .map(|v| {
+                v.iter()
+                    .filter(|e| e.id != relais_core::store::FEED_MARKER)
+                    .count()
+            })
+            .unwrap_or(0);
+        serde_json::json!({
+            "url": s.url,
+            "connected": s.connected,
+            "connected_since": s.since,
+            "connects": s.connects,
+            "last_error": s.last_error,
+            "last_full_sync": cursors.at_ms,
+            "remote_cursor": cursors.remote,
+            "local_cursor": cursors.local,
+            "pending_documents": pending,
+            "in_flight_documents": s.awaiting,
+        })
+    }
+}
+
+/// Keeps the link to the upstream up until shutdown: connect, hand the connection to the
+/// engine, forward frames both ways, and on any drop wait (exponential backoff with jitter)
+/// and retry.
+pub async fn run(
+    cfg: Upstream,
+    engine: Engine,
+    link: Arc<Link>,
+    next_conn: Arc<std::sync::atomic::AtomicU64>,
+    max_frame_bytes: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let trust = match &cfg.ca {
+        Some(ca) => match TlsTrust::ca_file(ca) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream CA unusable; not replicating");
+                link.with(|s| s.last_error = Some(e.to_string()));
+                return;
+            }
+        },
+        None => TlsTrust::default(),
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            r = session(&cfg, &trust, &engine, &link, &next_conn, max_frame_bytes) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        link.with(|s| {
+            s.connected = false;
+            s.conn = None;
+            s.since = None;
+            if let Err(e) = &outcome {
+                s.last_error = Some(e.clone());
+            }
+        });
+        match &outcome {
+            Ok(()) => tracing::info!("upstream link closed"),
+            Err(e) => tracing::warn!(error = %e, "upstream link down"),
+        }
+        // A link that stayed up a while starts the backoff afresh.
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = MIN_BACKOFF;
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        let wait = backoff.mul_f64(jitter);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn session(
+    cfg: &Upstream,
+    trust: &TlsTrust,
+    engine: &Engine,
+    link: &Link,
+    next_conn: &std::sync::atomic::AtomicU64,
+    max_frame_bytes: usize,
+) -> Result<(), String> {
+    let mut req = cfg
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad upstream URL: {e}"))?;
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", cfg.token)
+            .parse()
+            .map_err(|_| "upstream token has characters not allowed in a header".to_string())?,
+    );
+    let connector = if cfg.url.starts_with("wss:") {
+        Some(tokio_tungstenite::Connector::Rustls(
+            trust.client_config().map_err(|e| e.to_string())?,
+        ))
+    } else {
+        None
+    };
+    let ws_cfg = WebSocketConfig::default()
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), false, connector)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    format!("upstream refused the connection: {}", resp.status())
+                }
+                other => format!("cannot reach upstream: {other}"),
+            })?;
+    let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(crate::config::MAX_QUEUED_FRAMES);
+    let queued = Arc::new(AtomicUsize::new(0));
+    if !engine
+        .send(Input::ConnectUpstream {
+            conn,
+            url: cfg.url.clone(),
+            outbox: out_tx,
+            queued: queued.clone(),
+        })
+        .await
+    {
+        return Err("server stopping".into());
+    }
+    link.with(|s| {
+        s.connected = true;
+        s.conn = Some(conn);
+        s.since = Some(now_ms());
+        s.connects += 1;
+        s.last_error = None;
+    });
+    tracing::info!(conn, upstream = %cfg.url.split('?').next().unwrap_or(""), "upstream link up");
+    let (mut sink, mut stream) = ws.split();
+    let result = loop {
+        tokio::select! {
+            out = out_rx.recv() => match out {
+                Some(Outgoing::Frame(bytes)) => {
+                    let len = bytes.len();
+                    let sent = sink.send(WsMessage::Binary(bytes.into())).await;
+                    queued.fetch_sub(len, Ordering::Relaxed);
+                    if let Err(e) = sent {
+                        break Err(format!("send failed: {e}"));
+                    }
+                }
+                Some(Outgoing::Close(_, reason)) => {
+                    let _ = sink.send(WsMessage::Close(None)).await;
+                    break Err(format!("closed here: {reason}"));
+                }
+                None => break Err("engine dropped the link".into()),
+            },
+            msg = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match msg {
+                Err(_) => break Err("upstream went silent".into()),
+                Ok(None) => break Err("upstream closed the connection".into()),
+                Ok(Some(Err(e))) => break Err(e.to_string()),
+                Ok(Some(Ok(WsMessage::Binary(b)))) => {
+                    let input = Input::Frame { conn, bytes: b.to_vec(), at: Instant::now() };
+                    if !engine.send(input).await {
+                        break Ok(());
+                    }
+                }
+                Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                    let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                    break Err(format!("upstream closed the link: {reason}"));
+                }
+                Ok(Some(Ok(_))) => {}
+            },
+        }
+    };
+    engine.send(Input::Disconnect { conn }).await;
+    result
+}
