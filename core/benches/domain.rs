@@ -185,5 +185,68 @@ fn site_of_5000(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, register, merge_remote_change, site_of_5000);
+/// Possible duplicates among 100,000 households nationally: names drawn from common Malian
+/// given and family names (so blocks are realistically crowded), 1% registered twice with a
+/// different spelling.
+fn duplicates_100k(c: &mut Criterion) {
+    use relais_core::household::{parse_members, Household, Population, Provenance, Status};
+    use relais_core::DocumentId;
+    const GIVEN: [&str; 24] = [
+        "Aminata", "Fatoumata", "Mariam", "Awa", "Kadiatou", "Oumou", "Hawa", "Bintou",
+        "Moussa", "Ousmane", "Boubacar", "Seydou", "Amadou", "Ibrahim", "Hamidou", "Issa",
+        "Salif", "Adama", "Aissata", "Rokia", "Djeneba", "Mamadou", "Souleymane", "Assitan",
+    ];
+    const FAMILY: [&str; 24] = [
+        "Traoré", "Coulibaly", "Diarra", "Keïta", "Sangaré", "Maïga", "Touré", "Cissé",
+        "Dicko", "Diallo", "Ag Alhassane", "Sidibé", "Guindo", "Kassogué", "Konaté", "Dembélé",
+        "Samaké", "Kanté", "Bagayoko", "Doumbia", "Haïdara", "Tounkara", "Sow", "Ba",
+    ];
+    let mut seed = 42u64;
+    let mut next = move |n: usize| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % n
+    };
+    let mut all: Vec<(DocumentId, Household)> = Vec::with_capacity(101_000);
+    for i in 0..100_000 {
+        let size = 1 + next(7) as u32;
+        let members: Vec<String> = (0..size)
+            .map(|_| format!("{}:{}", if next(2) == 0 { "F" } else { "M" }, next(70)))
+            .collect();
+        let mut h = Household {
+            site: format!("S-{:03}", next(300)),
+            head_name: format!("{} {}", GIVEN[next(24)], FAMILY[next(24)]),
+            members: parse_members(&members.join(",")).unwrap(),
+            size,
+            population: Population::Idp,
+            origin: Some(format!("origin-{}", next(60))),
+            displacement_date: None,
+            displacement_reason: None,
+            vulnerabilities: Vec::new(),
+            contact: None,
+            status: Status::Active,
+            registered: Provenance {
+                enumerator: "e".into(),
+                device: "d".into(),
+                at: i as i64,
+            },
+        };
+        all.push((DocumentId::random(), h.clone()));
+        if i % 100 == 0 {
+            h.head_name = h.head_name.replace("ou", "u").replace('é', "e");
+            all.push((DocumentId::random(), h));
+        }
+    }
+    let mut g = c.benchmark_group("duplicates");
+    g.sample_size(10);
+    g.bench_function("candidates among 101,000 households", |b| {
+        b.iter(|| {
+            let found = relais_core::dedup::candidates(&all);
+            assert!(found.len() >= 1_000, "every planted duplicate is found");
+            found.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, register, merge_remote_change, site_of_5000, duplicates_100k);
 criterion_main!(benches);

@@ -85,6 +85,38 @@ pub struct DoubleDistribution {
     pub household: DocumentId,
     /// The slot, with every handout.
     pub slot: HandoutSlot,
+    /// How a manager resolved it, if they did and nothing new arrived since.
+    pub resolution: Option<Resolution>,
+}
+
+/// Root map of a household document holding resolutions of double handouts, keyed like
+/// `distributions`.
+pub const RESOLUTIONS: &str = "resolutions";
+
+/// What a manager decided about a double handout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every handout really happened (e.g. a replacement kit): keep them all.
+    ConfirmAll,
+    /// Only the handout at this index (as listed) happened; void the others.
+    Keep(usize),
+}
+
+/// A resolved double handout, synced like any other edit.
+#[derive(Debug, Clone, PartialEq, Eq, autosurgeon::Reconcile, autosurgeon::Hydrate, Serialize)]
+pub struct Resolution {
+    /// `confirmed` or `voided`.
+    pub decision: String,
+    /// Handouts in the slot when it was resolved: a later one reopens the flag.
+    pub handouts: u32,
+    /// The handouts voided, as they were recorded.
+    pub voided: Vec<Distribution>,
+    /// Who resolved it.
+    pub by: String,
+    /// On which device.
+    pub device: String,
+    /// When, ms since the epoch.
+    pub at: i64,
 }
 
 /// Domain operations over a store, writing as one device.
@@ -493,6 +525,175 @@ impl Ledger {
         }
     }
 
+    /// Resolves a double handout: confirm every handout, or keep one and void the others.
+    /// The resolution is an edit of the household document, so it syncs like any other and
+    /// records who resolved it and when.
+    pub fn resolve_double(
+        &self,
+        household: DocumentId,
+        campaign: &str,
+        item: &str,
+        decision: Decision,
+    ) -> Result<Resolution, LedgerError> {
+        let (mut doc, base) = self.household_doc(household)?;
+        let slot = distribution::slots(&doc)
+            .into_iter()
+            .find(|s| s.campaign == campaign && s.item == item && s.is_double())
+            .ok_or_else(|| ValidationError::NotDouble {
+                campaign: campaign.to_string(),
+                item: item.to_string(),
+            })?;
+        let (kept, voided) = match decision {
+            Decision::ConfirmAll => (None, Vec::new()),
+            Decision::Keep(i) => {
+                let kept = slot
+                    .handouts
+                    .get(i)
+                    .cloned()
+                    .ok_or(ValidationError::NoSuchHandout(i))?;
+                let voided = slot
+                    .handouts
+                    .iter()
+                    .enumerate()
+                    .filter(|(n, _)| *n != i)
+                    .map(|(_, d)| d.clone())
+                    .collect();
+                (Some(kept), voided)
+            }
+        };
+        let resolution = Resolution {
+            decision: if kept.is_some() {
+                "voided"
+            } else {
+                "confirmed"
+            }
+            .into(),
+            handouts: if kept.is_some() {
+                1
+            } else {
+                slot.handouts.len() as u32
+            },
+            voided,
+            by: self.writer.enumerator.clone(),
+            device: self.writer.device.clone(),
+            at: now_ms(),
+        };
+        let key = distribution::key(campaign, item);
+        let opts = self.commit_opts("resolve-double");
+        doc.transact_with(
+            |_| opts,
+            |tx| -> Result<(), LedgerError> {
+                if let Some(kept) = &kept {
+                    // One new value on the key supersedes every concurrent one.
+                    let map = document::ensure_map(tx, DISTRIBUTIONS)?;
+                    tx.put_object(&map, key.as_str(), automerge::ObjType::Map)?;
+                    autosurgeon::reconcile_prop(tx, &map, key.as_str(), kept)?;
+                }
+                let map = document::ensure_map(tx, RESOLUTIONS)?;
+                autosurgeon::reconcile_prop(tx, &map, key.as_str(), &resolution)?;
+                Ok(())
+            },
+        )
+        .map_err(|f| f.error)?;
+        self.store.write(&[self.write_of(household, &doc, base)])?;
+        Ok(resolution)
+    }
+
+    /// Marks `duplicate` as a second registration of `of`. It keeps its history, drops out
+    /// of every count, and its handouts count towards `of`.
+    pub fn mark_duplicate(&self, duplicate: DocumentId, of: DocumentId) -> Result<(), LedgerError> {
+        if duplicate == of {
+            return Err(
+                ValidationError::BadDuplicate(of.to_string(), "it is the same household").into(),
+            );
+        }
+        let survivor = self.household(of)?;
+        if !matches!(survivor.household.status, Status::Active | Status::Returned) {
+            return Err(ValidationError::BadDuplicate(
+                of.to_string(),
+                "that household is itself a duplicate",
+            )
+            .into());
+        }
+        self.update(
+            duplicate,
+            &HouseholdUpdate {
+                status: Some(Status::DuplicateOf(of.to_string())),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Possible duplicate registrations among the households stored here (see
+    /// [`crate::dedup`] for the measure).
+    pub fn duplicate_candidates(&self) -> Result<Vec<crate::dedup::Candidate>, LedgerError> {
+        let all: Vec<(DocumentId, Household)> = self
+            .households_lite()?
+            .into_iter()
+            .map(|(id, h, _)| (id, h))
+            .collect();
+        Ok(crate::dedup::candidates(&all))
+    }
+
+    /// Figures over every household stored here for which `include` holds (a caller's
+    /// scope), as DTM reports present them.
+    pub fn report(
+        &self,
+        include: impl Fn(&DocInfo) -> bool,
+    ) -> Result<crate::report::Figures, LedgerError> {
+        let mut report = crate::report::Report::new(&self.sites()?);
+        for id in self.household_ids(include)? {
+            if let Some((h, slots)) = self.household_lite(id)? {
+                report.add(id, &h, &slots);
+            }
+        }
+        Ok(report.finish())
+    }
+
+    /// Ids of the households stored here for which `include` holds, without loading them.
+    pub fn household_ids(
+        &self,
+        include: impl Fn(&DocInfo) -> bool,
+    ) -> Result<Vec<DocumentId>, LedgerError> {
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(_, m)| {
+                m.info.kind == DocKind::Household && !m.info.erased && !m.gone && include(&m.info)
+            })
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// One household's record and handouts, without the conflict walk.
+    pub fn household_lite(
+        &self,
+        id: DocumentId,
+    ) -> Result<Option<(Household, Vec<HandoutSlot>)>, LedgerError> {
+        match self.store.load(id)? {
+            Some(s) if document::kind_of(&s.doc) == DocKind::Household => Ok(Some((
+                document::read_household(&s.doc)?,
+                distribution::slots(&s.doc),
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every household with its handouts, without the conflict walk of [`Ledger::household`]
+    /// (for reports, exports and duplicate detection).
+    pub fn households_lite(
+        &self,
+    ) -> Result<Vec<(DocumentId, Household, Vec<HandoutSlot>)>, LedgerError> {
+        let mut out = Vec::new();
+        for id in self.household_ids(|_| true)? {
+            if let Some((h, slots)) = self.household_lite(id)? {
+                out.push((id, h, slots));
+            }
+        }
+        Ok(out)
+    }
+
     /// A household with its handouts and conflicts.
     pub fn household(&self, id: DocumentId) -> Result<HouseholdView, LedgerError> {
         let (doc, _) = self.household_doc(id)?;
@@ -546,21 +747,47 @@ impl Ledger {
             .collect())
     }
 
-    /// Every double distribution among the households stored here.
+    /// Every double distribution among the households stored here, resolved or not (see
+    /// [`DoubleDistribution::resolution`]).
     pub fn double_distributions(&self) -> Result<Vec<DoubleDistribution>, LedgerError> {
         let mut out = Vec::new();
-        for v in self.households()? {
-            for slot in v.distributions {
-                if slot.is_double() {
+        for id in self.of_kind(DocKind::Household)? {
+            let Some(s) = self.store.load(id)? else {
+                continue;
+            };
+            let resolutions = resolutions(&s.doc);
+            for slot in distribution::slots(&s.doc) {
+                let key = distribution::key(&slot.campaign, &slot.item);
+                let resolution = resolutions
+                    .get(&key)
+                    .filter(|r| r.handouts as usize >= slot.handouts.len())
+                    .cloned();
+                // A voided double shows one handout, and stays listed with its resolution.
+                if slot.is_double() || resolution.is_some() {
                     out.push(DoubleDistribution {
-                        household: v.id,
+                        household: id,
                         slot,
+                        resolution,
                     });
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// Resolutions recorded in a household document, by `campaign/item`.
+fn resolutions(doc: &Automerge) -> HashMap<String, Resolution> {
+    use automerge::ReadDoc;
+    let Ok(Some((_, map))) = doc.get(ROOT, RESOLUTIONS) else {
+        return HashMap::new();
+    };
+    doc.keys(&map)
+        .filter_map(|k| {
+            let r: Resolution = autosurgeon::hydrate_prop(doc, &map, k.as_str()).ok()?;
+            Some((k, r))
+        })
+        .collect()
 }
 
 /// Today's date in UTC, `YYYY-MM-DD`.

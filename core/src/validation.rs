@@ -87,6 +87,20 @@ pub enum ValidationError {
     /// A date that is not `YYYY-MM-DD`.
     #[error("invalid date {0:?}: use YYYY-MM-DD")]
     BadDate(String),
+    /// A resolution was asked for a handout that is not a double.
+    #[error("household has no double handout of {item} in campaign {campaign}")]
+    NotDouble {
+        /// Campaign code.
+        campaign: String,
+        /// Item code.
+        item: String,
+    },
+    /// The handout to keep is not one of those listed.
+    #[error("no handout number {0} in this double distribution")]
+    NoSuchHandout(usize),
+    /// A household cannot duplicate itself, an erased one, or one that is itself a duplicate.
+    #[error("cannot mark as duplicate of {0}: {1}")]
+    BadDuplicate(String, &'static str),
 }
 
 /// Checks a code: 1 to 64 letters, digits, `-` or `_`.

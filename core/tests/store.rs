@@ -342,7 +342,12 @@ fn a_forgotten_document_is_listed_as_gone_and_comes_back_on_a_later_write() {
     let meta = l.store().meta(hh).unwrap().unwrap();
     assert!(meta.gone && meta.seq > seq);
     assert!(l.store().load(hh).unwrap().is_none());
-    assert!(l.store().at_site("SOC-01").unwrap().iter().all(|id| *id != hh));
+    assert!(l
+        .store()
+        .at_site("SOC-01")
+        .unwrap()
+        .iter()
+        .all(|id| *id != hh));
     assert!(l.households().unwrap().is_empty());
     // Back in scope: the whole document is written again.
     let w = DocWrite::from_doc(hh, full.meta.info.clone(), &full.doc, Vec::new());

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use relais_client::{Replica, SyncOptions, TlsTrust, Writer};
 use relais_core::household::{parse_members, NewHousehold, Vulnerability};
+use relais_core::ledger::Decision;
 use relais_core::ledger::HouseholdView;
 use relais_core::DocumentId;
 
@@ -91,8 +92,39 @@ enum FieldCmd {
         /// Household id.
         household: String,
     },
-    /// Households that received the same item of a campaign twice.
+    /// Households that received the same item of a campaign twice (resolved or open).
     Doubles,
+    /// Resolve a double handout: confirm every handout, or keep one and void the others.
+    Resolve {
+        /// Household id.
+        #[arg(long)]
+        household: String,
+        /// Campaign code.
+        #[arg(long)]
+        campaign: String,
+        /// Item code.
+        #[arg(long)]
+        item: String,
+        /// Every handout happened (e.g. a replacement).
+        #[arg(long, conflicts_with = "keep")]
+        confirm_all: bool,
+        /// Keep only handout number N (as `doubles` lists them), void the others.
+        #[arg(long)]
+        keep: Option<usize>,
+    },
+    /// Possible duplicate registrations among the households held here.
+    Duplicates,
+    /// Mark a household as a second registration of another.
+    MarkDuplicate {
+        /// The duplicate.
+        #[arg(long)]
+        household: String,
+        /// The household it duplicates (which stays).
+        #[arg(long)]
+        of: String,
+    },
+    /// Figures over the households held here.
+    Report,
     /// Sync with a server.
     Sync {
         /// Server sync URL, e.g. ws://127.0.0.1:7373/sync.
@@ -263,6 +295,52 @@ pub fn run(args: FieldArgs) -> anyhow::Result<()> {
                     );
                 }
                 println!("{} double distributions", list.len());
+            }
+        }
+        FieldCmd::Resolve {
+            household,
+            campaign,
+            item,
+            confirm_all,
+            keep,
+        } => {
+            let decision = match (confirm_all, keep) {
+                (true, _) => Decision::ConfirmAll,
+                (false, Some(n)) => Decision::Keep(n),
+                (false, None) => anyhow::bail!("say --confirm-all or --keep N"),
+            };
+            let r = l.resolve_double(parse_id(&household)?, &campaign, &item, decision)?;
+            if json {
+                out(serde_json::to_value(&r)?);
+            } else {
+                println!(
+                    "{} {} {}: {} ({} voided); syncs at the next sync",
+                    household,
+                    campaign,
+                    item,
+                    r.decision,
+                    r.voided.len()
+                );
+            }
+        }
+        FieldCmd::Duplicates => {
+            let list = l.duplicate_candidates()?;
+            if json {
+                out(serde_json::to_value(&list)?);
+            } else {
+                crate::print_duplicates(&serde_json::to_value(&list)?);
+            }
+        }
+        FieldCmd::MarkDuplicate { household, of } => {
+            l.mark_duplicate(parse_id(&household)?, parse_id(&of)?)?;
+            println!("{household} marked as a duplicate of {of}");
+        }
+        FieldCmd::Report => {
+            let f = l.report(|_| true)?;
+            if json {
+                out(serde_json::to_value(&f)?);
+            } else {
+                crate::print_figures(&serde_json::to_value(&f)?);
             }
         }
         FieldCmd::Sync {

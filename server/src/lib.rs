@@ -15,6 +15,7 @@ pub mod config;
 pub mod devices;
 pub mod engine;
 pub mod metrics;
+pub mod reports;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
@@ -148,6 +149,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices", get(api::devices))
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/upstream", get(api::upstream))
+        .route("/api/v1/reports/figures", get(reports::figures))
+        .route("/api/v1/reports/doubles", get(reports::doubles))
+        .route("/api/v1/reports/duplicates", get(reports::duplicates))
+        .route("/api/v1/exports/{file}", get(reports::export))
         .with_state(app)
 }
 

@@ -12,6 +12,7 @@ use relais_core::store::{Store, StoreError};
 use relais_server::config::{self, FileConfig, ServerConfig};
 use relais_server::tokens;
 
+mod demo;
 mod field;
 
 /// Relais: offline-first sync for humanitarian field registrations and distributions.
@@ -46,6 +47,14 @@ enum Command {
     Devices(RemoteArgs),
     /// Rewrite the store file (server stopped), so no byte of an erased household remains.
     Compact(DataArg),
+    /// Figures as DTM reports present them, double handouts, possible duplicates.
+    Report(ReportArgs),
+    /// CSV exports: sites and distributions (aggregated, --hxl for HXL tags), households
+    /// (personal data: admins only, audited).
+    Export(ExportArgs),
+    /// See the whole point in one command: a server, tablets in Mopti and Gao working offline,
+    /// a sync, merged figures, a double handout and a duplicate registration flagged.
+    Demo(demo::DemoArgs),
     /// Field tablet commands over a local replica (for trainers, testing and as an example).
     Field(field::FieldArgs),
 }
@@ -91,6 +100,60 @@ enum HouseholdCmd {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportKind {
+    /// Households, individuals, sex, age, vulnerabilities, items distributed.
+    Figures,
+    /// Households that received the same item of a campaign twice.
+    Doubles,
+    /// Possible duplicate registrations.
+    Duplicates,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// What to report.
+    #[arg(value_enum, default_value = "figures")]
+    what: ReportKind,
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportKind {
+    /// Per site: households, individuals, sex, age bands, vulnerable households.
+    Sites,
+    /// Per campaign, site and item: quantity and households reached.
+    Distributions,
+    /// One row per household, with names and contacts (admins only; audited).
+    Households,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// What to export.
+    #[arg(value_enum)]
+    kind: ExportKind,
+    /// Add the HXL hashtag row under the header (aggregated exports).
+    #[arg(long)]
+    hxl: bool,
+    /// Organisation for #org+impl.
+    #[arg(long, default_value = "IOM")]
+    org: String,
+    /// Write to this file instead of stdout.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 #[derive(Args)]
@@ -379,6 +442,229 @@ fn audit(args: AuditArgs) -> anyhow::Result<()> {
     }
 }
 
+fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let path = match args.what {
+        ReportKind::Figures => "figures",
+        ReportKind::Doubles => "doubles",
+        ReportKind::Duplicates => "duplicates",
+    };
+    let value = if let Some(r) = args.remote.connect()? {
+        r.call("GET", &format!("/api/v1/reports/{path}"), None)?
+    } else {
+        let ledger = admin_ledger(&args.data.data)?;
+        match args.what {
+            ReportKind::Figures => serde_json::to_value(ledger.report(|_| true)?)?,
+            ReportKind::Doubles => serde_json::to_value(ledger.double_distributions()?)?,
+            ReportKind::Duplicates => serde_json::to_value(ledger.duplicate_candidates()?)?,
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    match args.what {
+        ReportKind::Figures => print_figures(&value),
+        ReportKind::Doubles => print_doubles(&value),
+        ReportKind::Duplicates => print_duplicates(&value),
+    }
+    Ok(())
+}
+
+/// Prints figures (as JSON from the ledger or the API) as tables.
+pub(crate) fn print_figures(f: &serde_json::Value) {
+    println!(
+        "{:<8} {:<10} {:<8} {:>10} {:>11} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+        "region",
+        "cercle",
+        "site",
+        "households",
+        "individuals",
+        "female",
+        "male",
+        "0-4",
+        "5-17",
+        "18-59",
+        "60+"
+    );
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let rows = f["sites"].as_array().cloned().unwrap_or_default();
+    let total = f["total"].clone();
+    for s in rows.iter().chain(std::iter::once(&total)) {
+        let site = s["site"]
+            .as_str()
+            .filter(|x| !x.is_empty())
+            .unwrap_or("TOTAL");
+        println!(
+            "{:<8} {:<10} {:<8} {:>10} {:>11} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            s["admin1"].as_str().unwrap_or(""),
+            s["admin2"].as_str().unwrap_or(""),
+            site,
+            n(&s["households"]),
+            n(&s["individuals"]),
+            n(&s["female"]),
+            n(&s["male"]),
+            n(&s["age_0_4"]),
+            n(&s["age_5_17"]),
+            n(&s["age_18_59"]),
+            n(&s["age_60_plus"])
+        );
+    }
+    if let Some(v) = total["vulnerabilities"]
+        .as_object()
+        .filter(|v| !v.is_empty())
+    {
+        let parts: Vec<String> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("vulnerable households: {}", parts.join(", "));
+    }
+    if f["duplicates_excluded"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "{} households marked as duplicates are not counted",
+            f["duplicates_excluded"]
+        );
+    }
+    let dist = f["distributions"].as_array().cloned().unwrap_or_default();
+    if !dist.is_empty() {
+        println!();
+        println!(
+            "{:<10} {:<8} {:<14} {:>8} {:>18}",
+            "campaign", "site", "item", "quantity", "households reached"
+        );
+        for d in dist {
+            println!(
+                "{:<10} {:<8} {:<14} {:>8} {:>18}",
+                d["campaign"].as_str().unwrap_or(""),
+                d["site"].as_str().unwrap_or(""),
+                d["item"].as_str().unwrap_or(""),
+                n(&d["quantity"]),
+                n(&d["households_reached"])
+            );
+        }
+    }
+}
+
+/// Prints double handouts as a list.
+pub(crate) fn print_doubles(v: &serde_json::Value) {
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no double handouts");
+    }
+    for d in list {
+        let state = match d["resolution"]["decision"].as_str() {
+            Some(dec) => format!(
+                "resolved ({dec} by {})",
+                d["resolution"]["by"].as_str().unwrap_or("")
+            ),
+            None => "OPEN".to_string(),
+        };
+        println!(
+            "household {}: {} {} x{} — {state}",
+            d["household"].as_str().unwrap_or(""),
+            d["slot"]["campaign"].as_str().unwrap_or(""),
+            d["slot"]["item"].as_str().unwrap_or(""),
+            d["slot"]["handouts"].as_array().map(Vec::len).unwrap_or(0)
+        );
+        for (i, h) in d["slot"]["handouts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            println!(
+                "  [{i}] {} at {} by {} on {}",
+                h["date"].as_str().unwrap_or(""),
+                h["site"].as_str().unwrap_or(""),
+                h["enumerator"].as_str().unwrap_or(""),
+                h["device"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// Prints duplicate candidates.
+pub(crate) fn print_duplicates(v: &serde_json::Value) {
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no possible duplicate registrations");
+    }
+    for c in list {
+        let reasons: Vec<&str> = c["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str())
+            .collect();
+        println!(
+            "{} ~ {}  score {}  ({})",
+            c["a"].as_str().unwrap_or(""),
+            c["b"].as_str().unwrap_or(""),
+            c["score"],
+            reasons.join(", ")
+        );
+    }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    use relais_core::export::{write_distributions, write_sites, ExportContext, HouseholdWriter};
+    use std::io::Write;
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let file = match args.kind {
+        ExportKind::Sites => "sites.csv",
+        ExportKind::Distributions => "distributions.csv",
+        ExportKind::Households => "households.csv",
+    };
+    if let Some(r) = args.remote.connect()? {
+        let text = r.get_text(&format!(
+            "/api/v1/exports/{file}?hxl={}&org={}",
+            u8::from(args.hxl),
+            urlencode(&args.org)
+        ))?;
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        return Ok(());
+    }
+    let ledger = admin_ledger(&args.data.data)?;
+    let ctx = ExportContext {
+        date: relais_core::ledger::today(),
+        org: args.org.clone(),
+    };
+    match args.kind {
+        ExportKind::Sites => write_sites(&mut out, &ledger.report(|_| true)?, &ctx, args.hxl)?,
+        ExportKind::Distributions => {
+            write_distributions(&mut out, &ledger.report(|_| true)?, &ctx, args.hxl)?
+        }
+        ExportKind::Households => {
+            ledger.store().audit(&[relais_core::audit::AuditEntry::now(
+                ADMIN_CLI,
+                relais_core::audit::AuditAction::Export,
+                None,
+            )
+            .with_detail("households.csv")])?;
+            let ids = ledger.household_ids(|_| true)?;
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut w = HouseholdWriter::new(&mut out)?;
+            for (n, id) in ids.iter().enumerate() {
+                if let Some((h, slots)) = ledger.household_lite(*id)? {
+                    w.write(*id, &h, &slots)?;
+                }
+                if tty && (n % 500 == 0 || n + 1 == ids.len()) {
+                    eprint!("\rexporting households: {}/{}", n + 1, ids.len());
+                }
+            }
+            if tty {
+                eprintln!();
+            }
+            w.finish()?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -434,6 +720,27 @@ impl RemoteArgs {
 }
 
 impl Remote {
+    fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("{}{}", self.base, path);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let status = resp.status().as_u16();
+        // Exports can be large: no 10 MB cap.
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string()?;
+        if status >= 400 {
+            bail!("{} answered {status}: {text}", self.base);
+        }
+        Ok(text)
+    }
+
     fn call(
         &self,
         method: &str,
@@ -558,9 +865,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -570,7 +877,12 @@ fn init_tracing() {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo narrates on stdout; its server only speaks up about problems.
+    init_tracing(if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -695,6 +1007,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(args) => audit(args),
+        Command::Report(args) => report(args),
+        Command::Export(args) => export(args),
+        Command::Demo(args) => demo::run(args),
         Command::Compact(data) => {
             let mut store = open(&data.data)?;
             let before = std::fs::metadata(store.path())

@@ -252,7 +252,7 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("").to_string();
     // Chunked bodies: good enough for JSON assertions with `contains`.
     (status, body)
 }

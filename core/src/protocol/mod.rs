@@ -9,3 +9,4 @@
 
 pub mod hub;
 pub mod message;
+pub mod fuzzing;
