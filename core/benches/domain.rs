@@ -192,18 +192,62 @@ fn duplicates_100k(c: &mut Criterion) {
     use relais_core::household::{parse_members, Household, Population, Provenance, Status};
     use relais_core::DocumentId;
     const GIVEN: [&str; 24] = [
-        "Aminata", "Fatoumata", "Mariam", "Awa", "Kadiatou", "Oumou", "Hawa", "Bintou",
-        "Moussa", "Ousmane", "Boubacar", "Seydou", "Amadou", "Ibrahim", "Hamidou", "Issa",
-        "Salif", "Adama", "Aissata", "Rokia", "Djeneba", "Mamadou", "Souleymane", "Assitan",
+        "Aminata",
+        "Fatoumata",
+        "Mariam",
+        "Awa",
+        "Kadiatou",
+        "Oumou",
+        "Hawa",
+        "Bintou",
+        "Moussa",
+        "Ousmane",
+        "Boubacar",
+        "Seydou",
+        "Amadou",
+        "Ibrahim",
+        "Hamidou",
+        "Issa",
+        "Salif",
+        "Adama",
+        "Aissata",
+        "Rokia",
+        "Djeneba",
+        "Mamadou",
+        "Souleymane",
+        "Assitan",
     ];
     const FAMILY: [&str; 24] = [
-        "Traoré", "Coulibaly", "Diarra", "Keïta", "Sangaré", "Maïga", "Touré", "Cissé",
-        "Dicko", "Diallo", "Ag Alhassane", "Sidibé", "Guindo", "Kassogué", "Konaté", "Dembélé",
-        "Samaké", "Kanté", "Bagayoko", "Doumbia", "Haïdara", "Tounkara", "Sow", "Ba",
+        "Traoré",
+        "Coulibaly",
+        "Diarra",
+        "Keïta",
+        "Sangaré",
+        "Maïga",
+        "Touré",
+        "Cissé",
+        "Dicko",
+        "Diallo",
+        "Ag Alhassane",
+        "Sidibé",
+        "Guindo",
+        "Kassogué",
+        "Konaté",
+        "Dembélé",
+        "Samaké",
+        "Kanté",
+        "Bagayoko",
+        "Doumbia",
+        "Haïdara",
+        "Tounkara",
+        "Sow",
+        "Ba",
     ];
     let mut seed = 42u64;
     let mut next = move |n: usize| {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 33) as usize) % n
     };
     let mut all: Vec<(DocumentId, Household)> = Vec::with_capacity(101_000);
@@ -248,5 +292,11 @@ fn duplicates_100k(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, register, merge_remote_change, site_of_5000, duplicates_100k);
+criterion_group!(
+    benches,
+    register,
+    merge_remote_change,
+    site_of_5000,
+    duplicates_100k
+);
 criterion_main!(benches);

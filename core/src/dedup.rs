@@ -291,7 +291,7 @@ pub fn candidates(households: &[(DocumentId, Household)]) -> Vec<Candidate> {
         }
     }
     // A pair found in two blocks is listed once.
-    out.sort_by(|x, y| (x.a, x.b).cmp(&(y.a, y.b)));
+    out.sort_by_key(|x| (x.a, x.b));
     out.dedup_by(|x, y| x.a == y.a && x.b == y.b);
     out.sort_by(|x, y| {
         y.score

@@ -167,12 +167,24 @@ fn write_seed_corpus() {
     }
     std::fs::write(dm.join("empty"), b"").unwrap();
     std::fs::write(dm.join("not-a-map"), [0x83, 1, 2, 3]).unwrap();
-    std::fs::write(dm.join("huge-length"), [0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    std::fs::write(
+        dm.join("huge-length"),
+        [0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    )
+    .unwrap();
     let hs = root.join("hub_session");
     std::fs::create_dir_all(&hs).unwrap();
     std::fs::write(hs.join("join-request-sync"), session(&frames[..4])).unwrap();
-    std::fs::write(hs.join("join-listing"), session(&[frames[0].clone(), frames[4].clone()])).unwrap();
+    std::fs::write(
+        hs.join("join-listing"),
+        session(&[frames[0].clone(), frames[4].clone()]),
+    )
+    .unwrap();
     std::fs::write(hs.join("no-join"), session(&frames[1..3])).unwrap();
     std::fs::write(hs.join("all"), session(&frames)).unwrap();
-    std::fs::write(hs.join("twice"), session(&[frames.clone(), frames.clone()].concat())).unwrap();
+    std::fs::write(
+        hs.join("twice"),
+        session(&[frames.clone(), frames.clone()].concat()),
+    )
+    .unwrap();
 }

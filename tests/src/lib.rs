@@ -252,7 +252,11 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("").to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("")
+        .to_string();
     // Chunked bodies: good enough for JSON assertions with `contains`.
     (status, body)
 }
@@ -277,4 +281,53 @@ pub fn household(site: &str, name: &str) -> relais_core::household::NewHousehold
         members: relais_core::household::parse_members("F:34,M:12,F:7").unwrap(),
         ..Default::default()
     }
+}
+
+/// A raw WebSocket to a running server.
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens an authenticated WebSocket without speaking the protocol.
+pub async fn ws_open(url: &str, token: &str) -> WsStream {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// Opens a WebSocket and completes the stock `join`/`peer` handshake as `peer`.
+pub async fn ws_joined(url: &str, token: &str, peer: &str) -> WsStream {
+    use futures_util::{SinkExt, StreamExt};
+    use relais_core::protocol::message::{Message, PeerMetadata};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let mut ws = ws_open(url, token).await;
+    let join = Message::Join {
+        sender_id: peer.into(),
+        supported_protocol_versions: vec!["1".into()],
+        peer_metadata: PeerMetadata::default(),
+    };
+    ws.send(Ws::Binary(join.encode().into())).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Ws::Binary(b))) => assert!(matches!(Message::decode(&b), Ok(Message::Peer { .. }))),
+        other => panic!("no peer reply: {other:?}"),
+    }
+    ws
+}
+
+/// A stock `request` for document `id` from an empty document, as frame bytes.
+pub fn request_frame(peer: &str, id: &str) -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::message::{DocMessage, Message};
+    let data = automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .unwrap()
+        .encode();
+    Message::Request(DocMessage {
+        sender_id: peer.into(),
+        target_id: "server".into(),
+        document_id: id.into(),
+        data,
+    })
+    .encode()
 }

@@ -8,11 +8,10 @@ use automerge::sync::SyncDoc;
 use futures_util::{SinkExt, StreamExt};
 use relais_client::{ClientError, Replica, SyncOptions, TlsTrust};
 use relais_core::household::HouseholdUpdate;
-use relais_core::protocol::message::{DocMessage, Message, PeerMetadata};
+use relais_core::protocol::message::{DocMessage, Message};
 use relais_core::DocumentId;
 use relais_tests::*;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// Creates a token through the running server's API; returns it.
@@ -38,41 +37,11 @@ fn json(server: &Server, method: &str, path: &str, token: &str) -> (u16, Value) 
     )
 }
 
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn joined(url: &str, token: &str, peer: &str) -> WsStream {
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let join = Message::Join {
-        sender_id: peer.into(),
-        supported_protocol_versions: vec!["1".into()],
-        peer_metadata: PeerMetadata::default(),
-    };
-    ws.send(Ws::Binary(join.encode().into())).await.unwrap();
-    match ws.next().await {
-        Some(Ok(Ws::Binary(b))) => assert!(matches!(Message::decode(&b), Ok(Message::Peer { .. }))),
-        other => panic!("no peer reply: {other:?}"),
-    }
-    ws
-}
-
 /// Sends a stock `request` for `id` from an empty document and returns the reply.
 async fn request(ws: &mut WsStream, peer: &str, id: &str) -> Message {
-    let empty = automerge::Automerge::new();
-    let data = empty
-        .generate_sync_message(&mut automerge::sync::State::new())
-        .unwrap()
-        .encode();
-    let msg = Message::Request(DocMessage {
-        sender_id: peer.into(),
-        target_id: "server".into(),
-        document_id: id.into(),
-        data,
-    });
-    ws.send(Ws::Binary(msg.encode().into())).await.unwrap();
+    ws.send(Ws::Binary(request_frame(peer, id).into()))
+        .await
+        .unwrap();
     loop {
         match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
             Ok(Some(Ok(Ws::Binary(b)))) => return Message::decode(&b).unwrap(),
@@ -138,7 +107,7 @@ async fn out_of_scope_documents_answer_exactly_like_unknown_ids() {
     // Every document id in the store, probed by a Gao tablet speaking the stock protocol.
     let all = office.ledger().store().list().unwrap();
     assert!(all.len() >= 13, "3 sites, 1 campaign, 9 households");
-    let mut ws = joined(&server.url(), &gao, "prober").await;
+    let mut ws = ws_joined(&server.url(), &gao, "prober").await;
     let unknown = request(&mut ws, "prober", &DocumentId::random().to_string()).await;
     assert!(matches!(unknown, Message::DocUnavailable { .. }));
     let mut readable = Vec::new();
@@ -308,7 +277,7 @@ async fn erasure_reaches_every_replica_and_nothing_brings_it_back() {
         "erased name left on the tablet"
     );
     // A stock client asking for it gets doc-unavailable.
-    let mut ws = joined(&server.url(), &tab, "stock").await;
+    let mut ws = ws_joined(&server.url(), &tab, "stock").await;
     assert!(matches!(
         request(&mut ws, "stock", &h.to_string()).await,
         Message::DocUnavailable { .. }

@@ -7,6 +7,6 @@
 //! Both ends use the same [`hub::Hub`], so a whole multi-peer sync runs in a unit test
 //! by passing frames between hubs.
 
+pub mod fuzzing;
 pub mod hub;
 pub mod message;
-pub mod fuzzing;
