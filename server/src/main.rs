@@ -12,6 +12,7 @@ use relais_core::store::{Store, StoreError};
 use relais_server::config::{self, FileConfig, ServerConfig};
 use relais_server::tokens;
 
+mod bench;
 mod demo;
 mod field;
 
@@ -55,6 +56,9 @@ enum Command {
     /// See the whole point in one command: a server, tablets in Mopti and Gao working offline,
     /// a sync, merged figures, a double handout and a duplicate registration flagged.
     Demo(demo::DemoArgs),
+    /// Load generator: a real server driven by simulated tablets; prints throughput,
+    /// latency, sync sizes, server memory and CPU (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
     /// Field tablet commands over a local replica (for trainers, testing and as an example).
     Field(field::FieldArgs),
 }
@@ -878,11 +882,13 @@ fn init_tracing(default: &str) {
 fn main() {
     let cli = Cli::parse();
     // The demo narrates on stdout; its server only speaks up about problems.
-    init_tracing(if matches!(cli.command, Command::Demo(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    init_tracing(
+        if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
+            "warn"
+        } else {
+            "info"
+        },
+    );
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -1010,6 +1016,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report(args),
         Command::Export(args) => export(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Compact(data) => {
             let mut store = open(&data.data)?;
             let before = std::fs::metadata(store.path())

@@ -1,0 +1,423 @@
+//! `relais bench`: a load generator. It starts a real `relais serve` process on a fresh store
+//! and drives it with simulated tablets (relais-client replicas) doing realistic work:
+//! households with members registered at sites, kits handed out. It reports, as a table or
+//! JSON:
+//!
+//! - changes merged per second, sustained, while every tablet pushes its offline work at once;
+//! - sync latency, p50 and p99, from a handout on tablet A until tablet B (live) has it;
+//! - a fresh tablet's initial sync of a whole site: time and bytes on the wire;
+//! - a reconnect with nothing new, for a replica holding many documents;
+//! - the server's peak RSS and CPU seconds (from /proc);
+//! - wire bytes per registered household, against the size of its Automerge changes.
+//!
+//! Timings depend on the machine; compare ratios measured in one run (BENCHMARKS.md).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use relais_client::{Replica, ReplicaEvent, SyncOptions, Writer};
+use relais_core::access::{Role, Scope};
+use relais_core::campaign::{parse_entitlement, Campaign};
+use relais_core::household::{parse_members, NewHousehold};
+use relais_core::ledger::Ledger;
+use relais_core::site::{Site, SiteKind};
+use relais_core::store::Store;
+use serde::Serialize;
+
+/// Options of `relais bench`.
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Simulated tablets pushing at once.
+    #[arg(long, default_value_t = 20)]
+    tablets: usize,
+    /// Households each tablet registers offline before pushing.
+    #[arg(long, default_value_t = 100)]
+    households: usize,
+    /// Households at the site a fresh tablet downloads.
+    #[arg(long, default_value_t = 5_000)]
+    site_size: usize,
+    /// Handouts timed from tablet A to tablet B.
+    #[arg(long, default_value_t = 50)]
+    latency_samples: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the store and replicas here (default: a temporary directory, removed after).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// What was run.
+    pub config: serde_json::Value,
+    /// Changes the server merged per second while `tablets` tablets pushed.
+    pub changes_per_second: f64,
+    /// Households pushed in that phase.
+    pub households_pushed: usize,
+    /// Seconds that phase took.
+    pub push_seconds: f64,
+    /// Handout on A to visible on B, milliseconds.
+    pub latency_ms_p50: f64,
+    /// Same, 99th percentile.
+    pub latency_ms_p99: f64,
+    /// A fresh tablet downloading the site.
+    pub initial_sync: Phase,
+    /// That tablet reconnecting with nothing new.
+    pub reconnect: Phase,
+    /// Server peak resident memory, MB.
+    pub server_peak_rss_mb: f64,
+    /// Server CPU time (user + system), seconds.
+    pub server_cpu_seconds: f64,
+    /// Bytes a tablet sent per household it pushed.
+    pub wire_bytes_per_household: f64,
+    /// Bytes of the Automerge changes of one household (the floor).
+    pub change_bytes_per_household: f64,
+}
+
+/// One sync, measured.
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    /// Documents in the replica.
+    pub documents: usize,
+    /// Milliseconds.
+    pub ms: u64,
+    /// Frames sent and received.
+    pub frames: usize,
+    /// Bytes sent and received.
+    pub bytes: u64,
+}
+
+struct ServerProc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().context("own executable")?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RELAIS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting relais serve")?;
+    let out = child.stdout.take().expect("piped");
+    let mut lines = std::io::BufReader::new(out).lines();
+    let first = lines
+        .next()
+        .context("relais serve printed nothing")?
+        .context("reading relais serve")?;
+    let addr = first
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .context("unexpected first line of relais serve")?
+        .to_string();
+    std::thread::spawn(move || for _ in lines {});
+    Ok(ServerProc {
+        child,
+        url: format!("ws://{addr}/sync"),
+    })
+}
+
+/// Peak RSS (MB) and CPU seconds of a process, from /proc.
+fn usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Linux reports CPU time in clock ticks of 1/100 s.
+    (hwm / 1024.0, (ticks(11) + ticks(12)) / 100.0)
+}
+
+fn household(site: &str, i: usize) -> NewHousehold {
+    const NAMES: [&str; 8] = [
+        "Aminata Traoré",
+        "Moussa Coulibaly",
+        "Fatoumata Diarra",
+        "Ousmane Maïga",
+        "Awa Keïta",
+        "Boubacar Touré",
+        "Mariam Sangaré",
+        "Issa Cissé",
+    ];
+    NewHousehold {
+        site: site.into(),
+        head_name: format!("{} {i}", NAMES[i % NAMES.len()]),
+        members: parse_members(["F:34,M:12,F:7", "M:51,F:44,M:17,F:9,M:3", "F:29"][i % 3])
+            .expect("valid"),
+        origin: Some("Ténenkou".into()),
+        ..Default::default()
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints its report.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let tmp;
+    let root = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!(
+                "relais-bench-{}",
+                relais_core::DocumentId::random()
+            ));
+            tmp.clone()
+        }
+    };
+    std::fs::create_dir_all(&root)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let result = rt.block_on(bench(&root, &args));
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| changes merged per second ({} households pushed at once) | {:.0} |",
+        r.households_pushed, r.changes_per_second
+    );
+    println!(
+        "| sync latency A → server → B, p50 / p99 | {:.1} ms / {:.1} ms |",
+        r.latency_ms_p50, r.latency_ms_p99
+    );
+    println!(
+        "| fresh tablet, initial sync of {} documents | {} ms, {} frames, {} bytes |",
+        r.initial_sync.documents, r.initial_sync.ms, r.initial_sync.frames, r.initial_sync.bytes
+    );
+    println!(
+        "| reconnect with nothing new, {} documents | {} ms, {} frames, {} bytes |",
+        r.reconnect.documents, r.reconnect.ms, r.reconnect.frames, r.reconnect.bytes
+    );
+    println!(
+        "| server peak RSS / CPU | {:.1} MB / {:.1} s |",
+        r.server_peak_rss_mb, r.server_cpu_seconds
+    );
+    println!(
+        "| wire bytes per household pushed / its Automerge changes | {:.0} B / {:.0} B ({:.2}×) |",
+        r.wire_bytes_per_household,
+        r.change_bytes_per_household,
+        r.wire_bytes_per_household / r.change_bytes_per_household.max(1.0)
+    );
+}
+
+async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
+    if args.tablets == 0 || args.site_size == 0 {
+        bail!("--tablets and --site-size must be at least 1");
+    }
+    // The store: one site for the pushing tablets, one for the download, a campaign.
+    let data = root.join("server");
+    let token = {
+        let store = Store::open(data.join("relais.redb"))?;
+        let ledger = Ledger::new(
+            store,
+            Writer {
+                enumerator: "bench".into(),
+                device: "bench".into(),
+            },
+        )?;
+        for (code, name) in [("BEN-01", "Bench push"), ("BEN-02", "Bench site")] {
+            ledger.put_site(&Site {
+                code: code.into(),
+                name: name.into(),
+                kind: SiteKind::OfficialSite,
+                admin1: "Mopti".into(),
+                admin2: "Mopti".into(),
+                admin3: None,
+            })?;
+        }
+        ledger.put_campaign(&Campaign {
+            code: "JP-2023".into(),
+            name: "bench".into(),
+            donor: None,
+            start: None,
+            end: None,
+            items: vec![parse_entitlement("nfi-kit:1")?],
+            sites: vec!["BEN-01".into(), "BEN-02".into()],
+        })?;
+        let (t, _) = relais_server::tokens::create(
+            ledger.store(),
+            "bench-tablet",
+            Role::Enumerator,
+            Scope::all(),
+            "bench",
+        )?;
+        t
+    };
+    let server = start_server(&data)?;
+    let pid = server.child.id();
+    let url = server.url.clone();
+    let writer = |n: &str| Writer {
+        enumerator: format!("enum-{n}"),
+        device: n.to_string(),
+    };
+
+    // 1. The site a fresh tablet will download, pushed by one seeding tablet.
+    let seeder = Replica::open(root.join("seeder"), writer("seeder"))?;
+    seeder.sync(&url, &token).await?;
+    for i in 0..args.site_size {
+        seeder.ledger().register(household("BEN-02", i))?;
+    }
+    seeder.sync(&url, &token).await?;
+
+    // 2. Tablets register offline, then all push at once.
+    let mut tablets = Vec::new();
+    for t in 0..args.tablets {
+        let r = Replica::open(root.join(format!("tab-{t}")), writer(&format!("tab-{t}")))?;
+        r.sync(&url, &token).await?;
+        for i in 0..args.households {
+            r.ledger().register(household("BEN-01", t * 100_000 + i))?;
+        }
+        tablets.push(Arc::new(r));
+    }
+    // The floor: the Automerge changes of one household as a tablet made them.
+    let sample = tablets[0].ledger().household_ids(|_| true)?;
+    let mut change_bytes = 0usize;
+    let mut counted = 0usize;
+    for id in sample.iter().take(50) {
+        if let Some(s) = tablets[0].ledger().store().load(*id)? {
+            if s.meta.info.sites.iter().any(|x| x == "BEN-01") {
+                change_bytes += s
+                    .doc
+                    .get_changes(&[])
+                    .iter()
+                    .map(|c| c.raw_bytes().len())
+                    .sum::<usize>();
+                counted += 1;
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut pushes = Vec::new();
+    for r in &tablets {
+        let (r, url, token) = (r.clone(), url.clone(), token.clone());
+        pushes.push(tokio::spawn(async move { r.sync(&url, &token).await }));
+    }
+    let mut sent_bytes = 0u64;
+    let mut pushed = 0usize;
+    for p in pushes {
+        let s = p.await.context("push task")??;
+        sent_bytes += s.bytes_sent;
+        pushed += s.documents_sent;
+    }
+    let push_seconds = started.elapsed().as_secs_f64();
+
+    // 3. Latency: A hands out a kit; B, connected in the background, sees it.
+    let a = Arc::new(Replica::open(root.join("lat-a"), writer("lat-a"))?);
+    let b = Arc::new(Replica::open(root.join("lat-b"), writer("lat-b"))?);
+    a.sync(&url, &token).await?;
+    let targets: Vec<_> = a
+        .ledger()
+        .list_site("BEN-02")?
+        .into_iter()
+        .map(|v| v.id)
+        .take(args.latency_samples)
+        .collect();
+    b.sync(&url, &token).await?;
+    let opts = SyncOptions {
+        push_delay: Duration::ZERO,
+        ..Default::default()
+    };
+    let bg_a = a.start_sync(&url, &token, opts.clone());
+    let bg_b = b.start_sync(&url, &token, opts);
+    let mut events = b.subscribe();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut lat = Vec::new();
+    for h in targets {
+        let t0 = Instant::now();
+        a.ledger()
+            .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-10")?;
+        a.wrote();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.recv()).await {
+                Ok(Ok(ReplicaEvent::DocumentChanged(id))) if id == h => break,
+                Ok(_) => {}
+                Err(_) => bail!("tablet B never saw the handout to {h}"),
+            }
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    bg_a.stop().await;
+    bg_b.stop().await;
+    lat.sort_by(f64::total_cmp);
+
+    // 4. A fresh tablet downloads everything, then reconnects with nothing new.
+    let fresh = Replica::open(root.join("fresh"), writer("fresh"))?;
+    let first = fresh.sync(&url, &token).await?;
+    let docs = fresh.ledger().store().len()? as usize;
+    let again = fresh.sync(&url, &token).await?;
+    let (rss, cpu) = usage(pid);
+    drop(server);
+
+    Ok(Report {
+        config: serde_json::json!({
+            "tablets": args.tablets,
+            "households_per_tablet": args.households,
+            "site_size": args.site_size,
+            "latency_samples": args.latency_samples,
+        }),
+        changes_per_second: pushed as f64 / push_seconds.max(1e-9),
+        households_pushed: pushed,
+        push_seconds,
+        latency_ms_p50: percentile(&lat, 0.5),
+        latency_ms_p99: percentile(&lat, 0.99),
+        initial_sync: Phase {
+            documents: docs,
+            ms: first.elapsed_ms,
+            frames: first.frames_sent + first.frames_received,
+            bytes: first.bytes_sent + first.bytes_received,
+        },
+        reconnect: Phase {
+            documents: docs,
+            ms: again.elapsed_ms,
+            frames: again.frames_sent + again.frames_received,
+            bytes: again.bytes_sent + again.bytes_received,
+        },
+        server_peak_rss_mb: rss,
+        server_cpu_seconds: cpu,
+        wire_bytes_per_household: sent_bytes as f64 / pushed.max(1) as f64,
+        change_bytes_per_household: change_bytes as f64 / counted.max(1) as f64,
+    })
+}

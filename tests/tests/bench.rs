@@ -1,0 +1,42 @@
+//! The load generator keeps working: a tiny configuration, checked for what it measured,
+//! never for how fast (timings belong in BENCHMARKS.md).
+
+use relais_tests::*;
+use serde_json::Value;
+
+#[test]
+fn the_load_generator_runs_a_tiny_configuration() {
+    let out = relais(&[
+        "bench",
+        "--tablets",
+        "2",
+        "--households",
+        "5",
+        "--site-size",
+        "20",
+        "--latency-samples",
+        "3",
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["households_pushed"], 10);
+    assert!(r["changes_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["latency_ms_p50"].as_f64().unwrap() > 0.0);
+    assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
+    // 2 sites, 1 campaign, 20 + 10 households.
+    assert_eq!(r["initial_sync"]["documents"], 33);
+    assert_eq!(
+        r["reconnect"]["frames"], 4,
+        "a reconnect with nothing new is join, peer, request, reply"
+    );
+    assert!(r["reconnect"]["bytes"].as_u64().unwrap() < 1024);
+    assert!(r["server_peak_rss_mb"].as_f64().unwrap() > 0.0);
+    assert!(r["change_bytes_per_household"].as_f64().unwrap() > 0.0);
+    assert!(r["wire_bytes_per_household"].as_f64().unwrap() > 0.0);
+}
