@@ -247,7 +247,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     // The store: one site for the pushing tablets, one for the download, a campaign.
     let data = root.join("server");
-    let token = {
+    let (token, tablet_tokens) = {
         let store = Store::open(data.join("relais.redb"))?;
         let ledger = Ledger::new(
             store,
@@ -256,10 +256,14 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
                 device: "bench".into(),
             },
         )?;
-        for (code, name) in [("BEN-01", "Bench push"), ("BEN-02", "Bench site")] {
+        // Each pushing tablet has its own site, so the push phase measures merging, not the
+        // fan-out of every tablet's work to every other (measured by the latency phase).
+        let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
+        codes.push("BEN-02".into());
+        for code in &codes {
             ledger.put_site(&Site {
-                code: code.into(),
-                name: name.into(),
+                code: code.clone(),
+                name: code.clone(),
                 kind: SiteKind::OfficialSite,
                 admin1: "Mopti".into(),
                 admin2: "Mopti".into(),
@@ -273,8 +277,23 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             start: None,
             end: None,
             items: vec![parse_entitlement("nfi-kit:1")?],
-            sites: vec!["BEN-01".into(), "BEN-02".into()],
+            sites: codes.clone(),
         })?;
+        let mut per_tablet = Vec::new();
+        for t in 0..args.tablets {
+            let scope = Scope {
+                regions: Vec::new(),
+                sites: vec![format!("BEN-P{t}")],
+            };
+            let (tok, _) = relais_server::tokens::create(
+                ledger.store(),
+                &format!("bench-tab-{t}"),
+                Role::Enumerator,
+                scope,
+                "bench",
+            )?;
+            per_tablet.push(tok);
+        }
         let (t, _) = relais_server::tokens::create(
             ledger.store(),
             "bench-tablet",
@@ -282,7 +301,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             Scope::all(),
             "bench",
         )?;
-        t
+        (t, per_tablet)
     };
     let server = start_server(&data)?;
     let pid = server.child.id();
@@ -302,11 +321,12 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
 
     // 2. Tablets register offline, then all push at once.
     let mut tablets = Vec::new();
-    for t in 0..args.tablets {
+    for (t, tok) in tablet_tokens.iter().enumerate() {
         let r = Replica::open(root.join(format!("tab-{t}")), writer(&format!("tab-{t}")))?;
-        r.sync(&url, &token).await?;
+        r.sync(&url, tok).await?;
+        let site = format!("BEN-P{t}");
         for i in 0..args.households {
-            r.ledger().register(household("BEN-01", t * 100_000 + i))?;
+            r.ledger().register(household(&site, t * 100_000 + i))?;
         }
         tablets.push(Arc::new(r));
     }
@@ -316,7 +336,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     let mut counted = 0usize;
     for id in sample.iter().take(50) {
         if let Some(s) = tablets[0].ledger().store().load(*id)? {
-            if s.meta.info.sites.iter().any(|x| x == "BEN-01") {
+            if s.meta.info.sites.iter().any(|x| x == "BEN-P0") {
                 change_bytes += s
                     .doc
                     .get_changes(&[])
@@ -329,7 +349,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let started = Instant::now();
     let mut pushes = Vec::new();
-    for r in &tablets {
+    for (r, token) in tablets.iter().zip(&tablet_tokens) {
         let (r, url, token) = (r.clone(), url.clone(), token.clone());
         pushes.push(tokio::spawn(async move { r.sync(&url, &token).await }));
     }

@@ -29,8 +29,8 @@ fn the_load_generator_runs_a_tiny_configuration() {
     assert!(r["changes_per_second"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p50"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
-    // 2 sites, 1 campaign, 20 + 10 households.
-    assert_eq!(r["initial_sync"]["documents"], 33);
+    // 3 sites (one per pushing tablet, one to download), 1 campaign, 20 + 10 households.
+    assert_eq!(r["initial_sync"]["documents"], 34);
     assert_eq!(
         r["reconnect"]["frames"], 4,
         "a reconnect with nothing new is join, peer, request, reply"
