@@ -620,19 +620,8 @@ impl Store {
                 return Ok(None);
             };
             if !meta.info.erased {
-                for n in 0..meta.chunks {
-                    chunks.remove((key, n))?;
-                }
-                snaps.remove(&key)?;
-                // Taken before removing the old entry, which may be the last: a sequence is
-                // never given twice, or a cursor that saw it would miss the erasure.
-                let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
-                feed.remove(meta.seq)?;
-                meta.seq = next;
-                feed.insert(meta.seq, key)?;
+                drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
                 meta.info.erased = true;
-                meta.heads.clear();
-                meta.chunks = 0;
                 let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
                 docs.insert(key, bytes.as_slice())?;
                 txn.open_table(META)?
@@ -694,20 +683,11 @@ impl Store {
             if meta.gone || meta.info.erased {
                 return Ok(true);
             }
-            for n in 0..meta.chunks {
-                chunks.remove((key, n))?;
-            }
-            snaps.remove(&key)?;
             for s in &meta.info.sites {
                 by_site.remove((s.as_str(), key))?;
             }
-            let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
-            feed.remove(meta.seq)?;
-            meta.seq = next;
-            feed.insert(next, key)?;
+            drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
             meta.gone = true;
-            meta.heads.clear();
-            meta.chunks = 0;
             let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
             docs.insert(key, bytes.as_slice())?;
         }
@@ -891,6 +871,30 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Drops a document's snapshot and chunks and gives it the next feed sequence, so that
+/// replicas hear of the change (an erasure, or leaving this replica's scope). The sequence is
+/// taken before the old entry is removed, since that entry may be the last: a sequence is
+/// never given twice, or a cursor that had seen it would miss the change.
+fn drop_bytes(
+    snaps: &mut redb::Table<'_, [u8; 16], &'static [u8]>,
+    chunks: &mut redb::Table<'_, ([u8; 16], u32), &'static [u8]>,
+    feed: &mut redb::Table<'_, u64, [u8; 16]>,
+    key: [u8; 16],
+    meta: &mut DocMeta,
+) -> Result<(), StoreError> {
+    for n in 0..meta.chunks {
+        chunks.remove((key, n))?;
+    }
+    snaps.remove(&key)?;
+    let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+    feed.remove(meta.seq)?;
+    meta.seq = next;
+    feed.insert(next, key)?;
+    meta.heads.clear();
+    meta.chunks = 0;
+    Ok(())
 }
 
 /// Appends audit entries inside a caller's write transaction (for adapters that keep their

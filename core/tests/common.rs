@@ -81,3 +81,17 @@ pub fn merge_into(from: &Store, to: &Ledger) {
         to.store().apply(id, &bytes, |d| to.describe(d)).unwrap();
     }
 }
+
+/// Two ledgers in a temporary directory, both seeded with the same reference data.
+pub fn forked() -> (
+    tempfile::TempDir,
+    relais_core::ledger::Ledger,
+    relais_core::ledger::Ledger,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ledger(dir.path(), "tab-a");
+    let b = ledger(dir.path(), "tab-b");
+    seed(&a);
+    merge_into(a.store(), &b);
+    (dir, a, b)
+}

@@ -8,19 +8,6 @@ use relais_core::household::{HouseholdUpdate, Status};
 use relais_core::ledger::LedgerError;
 use relais_core::validation::ValidationError;
 
-fn forked() -> (
-    tempfile::TempDir,
-    relais_core::ledger::Ledger,
-    relais_core::ledger::Ledger,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let a = ledger(dir.path(), "tab-a");
-    let b = ledger(dir.path(), "tab-b");
-    seed(&a);
-    merge_into(a.store(), &b);
-    (dir, a, b)
-}
-
 #[test]
 fn concurrent_edits_to_different_fields_both_survive() {
     let (_d, a, b) = forked();

@@ -8,19 +8,6 @@ use relais_core::household::{parse_members, HouseholdUpdate, NewHousehold, Statu
 use relais_core::ledger::{Decision, LedgerError};
 use relais_core::validation::ValidationError;
 
-fn forked() -> (
-    tempfile::TempDir,
-    relais_core::ledger::Ledger,
-    relais_core::ledger::Ledger,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let a = ledger(dir.path(), "tab-a");
-    let b = ledger(dir.path(), "tab-b");
-    seed(&a);
-    merge_into(a.store(), &b);
-    (dir, a, b)
-}
-
 fn sync(a: &relais_core::ledger::Ledger, b: &relais_core::ledger::Ledger) {
     merge_into(a.store(), b);
     merge_into(b.store(), a);

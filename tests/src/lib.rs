@@ -331,3 +331,19 @@ pub fn request_frame(peer: &str, id: &str) -> Vec<u8> {
     })
     .encode()
 }
+
+/// Creates a token through a running server's admin API and returns it. `scope` is the JSON
+/// members for the scope, e.g. `"sites":["SOC-01"]`.
+pub fn api_token(server: &Server, admin: &str, name: &str, role: &str, scope: &str) -> String {
+    let body = format!(r#"{{"name":"{name}","role":"{role}",{scope}}}"#);
+    let (status, text) = http(
+        server.addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(admin),
+        Some(&body),
+    );
+    assert_eq!(status, 201, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}

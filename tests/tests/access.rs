@@ -14,21 +14,6 @@ use relais_tests::*;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
-/// Creates a token through the running server's API; returns it.
-fn api_token(server: &Server, admin: &str, name: &str, role: &str, scope: &str) -> String {
-    let body = format!(r#"{{"name":"{name}","role":"{role}",{scope}}}"#);
-    let (status, text) = http(
-        server.addr,
-        "POST",
-        "/api/v1/tokens",
-        Some(admin),
-        Some(&body),
-    );
-    assert_eq!(status, 201, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["token"].as_str().unwrap().to_string()
-}
-
 fn json(server: &Server, method: &str, path: &str, token: &str) -> (u16, Value) {
     let (status, text) = http(server.addr, method, path, Some(token), None);
     (

@@ -6,22 +6,6 @@ use relais_core::ledger::Decision;
 use relais_tests::*;
 use serde_json::Value;
 
-fn api_token(server: &Server, admin: &str, name: &str, role: &str, scope: &str) -> String {
-    let body = format!(r#"{{"name":"{name}","role":"{role}",{scope}}}"#);
-    let (status, text) = http(
-        server.addr,
-        "POST",
-        "/api/v1/tokens",
-        Some(admin),
-        Some(&body),
-    );
-    assert_eq!(status, 201, "{text}");
-    serde_json::from_str::<Value>(&text).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 /// The body of a possibly chunked HTTP response, de-chunked.
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
