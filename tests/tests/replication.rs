@@ -517,3 +517,89 @@ async fn three_servers_converge_through_partitions_and_restarts() {
         run_schedule(seed, 40).await;
     }
 }
+
+/// An erasure at Bamako reaches the office as a tombstone, and the office's tablets purge
+/// their copies at their next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_at_bamako_reaches_an_office_and_its_tablets() {
+    let root = tempfile::tempdir().unwrap();
+    let bamako_data = data_dir(root.path(), "bamako");
+    seed_reference(&bamako_data);
+    let b_admin = create_token(&bamako_data, "admin", &["--role", "admin"]);
+    let up = create_token(
+        &bamako_data,
+        "mopti-office",
+        &["--role", "replica", "--regions", "Mopti"],
+    );
+    let bamako = Server::start(&bamako_data, &[]);
+    let mopti_data = data_dir(root.path(), "mopti");
+    let m_admin = create_token(&mopti_data, "admin", &["--role", "admin"]);
+    let tab_token = create_token(
+        &mopti_data,
+        "tab",
+        &["--role", "enumerator", "--sites", "SOC-01"],
+    );
+    let upstream = bamako.url();
+    let mopti = Server::start(
+        &mopti_data,
+        &["--upstream", &upstream, "--upstream-token", &up],
+    );
+    let tab = replica(root.path(), "tab");
+    let mut h = None;
+    for _ in 0..40 {
+        let _ = tab.sync(&mopti.url(), &tab_token).await;
+        if tab
+            .ledger()
+            .sites()
+            .unwrap()
+            .iter()
+            .any(|s| s.code == "SOC-01")
+        {
+            h = Some(
+                tab.ledger()
+                    .register(household("SOC-01", "Erased Upstream"))
+                    .unwrap(),
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let h = h.expect("reference data reached the tablet through the office");
+    tab.sync(&mopti.url(), &tab_token).await.unwrap();
+    // Wait until Bamako has it, then erase it there.
+    let mut erased = false;
+    for _ in 0..40 {
+        let (status, _) = http(
+            bamako.addr,
+            "DELETE",
+            &format!("/api/v1/households/{h}"),
+            Some(&b_admin),
+            None,
+        );
+        if status == 200 {
+            erased = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(erased, "the household never reached Bamako");
+    // The office learns of it (live, or at its next listing); the tablet then purges.
+    let mut purged = false;
+    for _ in 0..40 {
+        let s = tab.sync(&mopti.url(), &tab_token).await.unwrap();
+        if s.documents_purged == 1 {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(purged, "the tablet never purged the erased household");
+    assert!(tab.ledger().store().meta(h).unwrap().unwrap().info.erased);
+    let status = get(&mopti, "/api/v1/status", &m_admin);
+    assert_eq!(
+        status["store"]["erased"], 1,
+        "the office keeps a tombstone: {status}"
+    );
+    assert!(mopti.stop().success());
+    assert!(bamako.stop().success());
+}
