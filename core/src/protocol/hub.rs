@@ -194,6 +194,8 @@ struct LoadedDoc {
     /// Heads known durable (or handed to the adapter to make durable).
     persisted: Vec<ChangeHash>,
     last_used: u64,
+    /// Sync messages in a row whose changes all waited for missing dependencies.
+    unapplied: u32,
 }
 
 enum Phase {
@@ -283,6 +285,10 @@ pub const OUTBOUND_WINDOW: usize = 64;
 /// content. A client creating documents offline announces each before pushing it; thousands
 /// of announcements without content are a flood, and would hold memory for nothing.
 pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
+
+/// Sync messages in a row for one document whose changes all lack dependencies before the
+/// connection is dropped: a peer that only ever sends orphans would grow automerge's queue.
+pub const MAX_UNAPPLIED: u32 = 64;
 
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
@@ -941,6 +947,7 @@ impl<S: HubStore> Hub<S> {
                 info: DocInfo::other(),
                 persisted: Vec::new(),
                 last_used: self.clock,
+                unapplied: 0,
             },
         );
     }
@@ -962,6 +969,7 @@ impl<S: HubStore> Hub<S> {
                         info: s.meta.info,
                         persisted,
                         last_used: self.clock,
+                        unapplied: 0,
                     },
                 );
                 Ok(true)
@@ -1110,7 +1118,24 @@ impl<S: HubStore> Hub<S> {
         }
         if let Some(candidate) = candidate {
             let after = candidate.get_heads();
-            if after != before {
+            if after == before {
+                // Changes whose dependencies have not arrived wait in automerge's queue. Keep
+                // them: the sender counts them as sent and will not send them again in this
+                // session (a bloom-filter false positive leads here), so dropping them would
+                // leave both sides asking each other for the same change forever. They are
+                // checked like any change once their dependencies arrive.
+                let entry = self.docs.get_mut(&id).expect("loaded above");
+                entry.unapplied += 1;
+                if entry.unapplied > MAX_UNAPPLIED {
+                    self.docs.remove(&id);
+                    return self.fail(
+                        step,
+                        conn,
+                        format!("document {id}: {MAX_UNAPPLIED} messages of changes with missing dependencies"),
+                    );
+                }
+                entry.doc = candidate;
+            } else {
                 let info = self.describe(&candidate);
                 let old_info = self.docs[&id].info.clone();
                 // A household may move out of the writer's scope by the writer's own edit.
@@ -1125,6 +1150,7 @@ impl<S: HubStore> Hub<S> {
                 }
                 let entry = self.docs.get_mut(&id).expect("loaded above");
                 entry.doc = candidate;
+                entry.unapplied = 0;
                 entry.info = info.clone();
                 let base = std::mem::take(&mut entry.persisted);
                 step.writes
@@ -1578,6 +1604,7 @@ impl<S: HubStore> Hub<S> {
                         info,
                         persisted,
                         last_used: self.clock,
+                        unapplied: 0,
                     },
                 );
             }
