@@ -49,6 +49,19 @@ pub struct BenchArgs {
     /// Keep the store and replicas here (default: a temporary directory, removed after).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Soak instead: hold many connected tablets at a trickle of changes and report the
+    /// server's RSS over time (fails if it grows or anything errs).
+    #[arg(long)]
+    soak: bool,
+    /// Soak: connected tablets.
+    #[arg(long, default_value_t = 1_000)]
+    soak_tablets: usize,
+    /// Soak: minutes of trickle.
+    #[arg(long, default_value_t = 10.0)]
+    soak_minutes: f64,
+    /// Soak: changes a second, across all tablets.
+    #[arg(long, default_value_t = 20.0)]
+    soak_rate: f64,
 }
 
 /// Everything measured in one run.
@@ -93,9 +106,9 @@ pub struct Phase {
     pub bytes: u64,
 }
 
-struct ServerProc {
-    child: Child,
-    url: String,
+pub(crate) struct ServerProc {
+    pub(crate) child: Child,
+    pub(crate) url: String,
 }
 
 impl Drop for ServerProc {
@@ -105,7 +118,7 @@ impl Drop for ServerProc {
     }
 }
 
-fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
+pub(crate) fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
     use std::io::BufRead;
     let exe = std::env::current_exe().context("own executable")?;
     let mut child = Command::new(exe)
@@ -136,7 +149,7 @@ fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
 }
 
 /// Peak RSS (MB) and CPU seconds of a process, from /proc.
-fn usage(pid: u32) -> (f64, f64) {
+pub(crate) fn usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -153,7 +166,7 @@ fn usage(pid: u32) -> (f64, f64) {
     (hwm / 1024.0, (ticks(11) + ticks(12)) / 100.0)
 }
 
-fn household(site: &str, i: usize) -> NewHousehold {
+pub(crate) fn household(site: &str, i: usize) -> NewHousehold {
     const NAMES: [&str; 8] = [
         "Aminata Traoré",
         "Moussa Coulibaly",
@@ -197,6 +210,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&root)?;
     let rt = tokio::runtime::Runtime::new()?;
+    if args.soak {
+        let result = rt.block_on(crate::soak::soak(
+            &root,
+            args.soak_tablets,
+            args.soak_minutes,
+            args.soak_rate,
+        ));
+        if args.dir.is_none() {
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        let report = result?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            crate::soak::print_table(&report);
+        }
+        if !report.errors.is_empty() {
+            bail!("the soak saw {} errors", report.errors.len());
+        }
+        if !report.flat {
+            bail!(
+                "server RSS grew from {:.1} MB to {:.1} MB",
+                report.rss_start_mb,
+                report.rss_end_mb
+            );
+        }
+        return Ok(());
+    }
     let result = rt.block_on(bench(&root, &args));
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&root);

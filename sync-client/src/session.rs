@@ -343,6 +343,17 @@ where
             _ => {}
         }
     }
+    if !done && !seqs.is_empty() {
+        // What the server sent is on the server: move the local cursor over it when nothing
+        // written here is waiting before it, so that `pending_documents` counts only local
+        // changes while a live session keeps receiving others' work.
+        let mut c = replica.cursors(url);
+        let next = advance(c.local, &seqs);
+        if next > c.local {
+            c.local = next;
+            replica.save_cursors(url, &c)?;
+        }
+    }
     for (_, frame) in step.sends {
         summary.frames_sent += 1;
         summary.bytes_sent += frame.len() as u64;

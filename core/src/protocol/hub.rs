@@ -1291,12 +1291,28 @@ impl<S: HubStore> Hub<S> {
         for other in &subscribers {
             let readable = self.conns[other].identity.can_read(&info);
             if readable {
-                if let Some(o) = self.conns.get_mut(other).and_then(|c| c.outbound.as_mut()) {
-                    o.awaiting.insert(id);
-                    o.quiet = false;
-                    o.pushed_since_listing = true;
+                let sent = self.reply(*other, id, step);
+                // Await the server's answer only when there is one to come: a reload of a
+                // document the server itself just sent has nothing to say, and waiting for an
+                // answer to it would keep a live session from ever reporting `Synced`.
+                let mut mine = self.docs[&id].doc.get_heads();
+                mine.sort();
+                if let Some(c) = self.conns.get_mut(other) {
+                    let mut theirs = c.syncs.get(&id).and_then(|s| s.their_heads.clone());
+                    if let Some(t) = theirs.as_mut() {
+                        t.sort();
+                    }
+                    let differ = theirs.as_ref() != Some(&mine);
+                    if let Some(o) = c.outbound.as_mut() {
+                        if sent || differ {
+                            o.awaiting.insert(id);
+                            o.quiet = false;
+                        }
+                        if sent {
+                            o.pushed_since_listing = true;
+                        }
+                    }
                 }
-                self.reply(*other, id, step);
             } else {
                 // The document left this peer's scope (a household moved): it hears nothing
                 // more of it, and a Relais client is told to delete its copy. Stock clients
