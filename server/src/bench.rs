@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Handouts timed from tablet A to tablet B.
     #[arg(long, default_value_t = 50)]
     latency_samples: usize,
+    /// Registrations a tablet pushes over a simulated 2G link (50 kbit/s, 600 ms round
+    /// trip, a drop every 200 KB); 0 skips that phase.
+    #[arg(long, default_value_t = 200)]
+    poor_link_registrations: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,6 +95,27 @@ pub struct Report {
     pub wire_bytes_per_household: f64,
     /// Bytes of the Automerge changes of one household (the floor).
     pub change_bytes_per_household: f64,
+    /// A tablet's registrations pushed over a simulated 2G link.
+    pub poor_link: Option<PoorLink>,
+}
+
+/// A sync over a shaped link (see [`crate::shaping::Shape::edge`]).
+#[derive(Debug, Serialize)]
+pub struct PoorLink {
+    /// Households registered offline and pushed.
+    pub registrations: usize,
+    /// Seconds from the first attempt until a sync completed.
+    pub seconds: f64,
+    /// Sync attempts (each drop costs one).
+    pub attempts: usize,
+    /// Connections the link dropped.
+    pub drops: u64,
+    /// Bytes that crossed the link, both directions.
+    pub link_bytes: u64,
+    /// Bytes of the same sync on a clean link.
+    pub clean_bytes: u64,
+    /// Bytes sent again because of drops: link bytes minus clean bytes.
+    pub resent_bytes: i64,
 }
 
 /// One sync, measured.
@@ -280,6 +305,16 @@ fn print_table(r: &Report) {
         r.change_bytes_per_household,
         r.wire_bytes_per_household / r.change_bytes_per_household.max(1.0)
     );
+    if let Some(p) = &r.poor_link {
+        println!(
+            "| 2G link (50 kbit/s, 600 ms RTT, drop every 200 KB): {} registrations | {:.1} s, {} attempts, {} drops |",
+            p.registrations, p.seconds, p.attempts, p.drops
+        );
+        println!(
+            "| 2G link bytes / same sync on a clean link / sent again | {} B / {} B / {} B |",
+            p.link_bytes, p.clean_bytes, p.resent_bytes
+        );
+    }
 }
 
 async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
@@ -301,6 +336,9 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         // fan-out of every tablet's work to every other (measured by the latency phase).
         let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
         codes.push("BEN-02".into());
+        // The poor-link tablet and its clean-link twin each have a site of their own.
+        codes.push("BEN-2G".into());
+        codes.push("BEN-LAN".into());
         for code in &codes {
             ledger.put_site(&Site {
                 code: code.clone(),
@@ -335,6 +373,19 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             )?;
             per_tablet.push(tok);
         }
+        for code in ["BEN-2G", "BEN-LAN"] {
+            let (tok, _) = relais_server::tokens::create(
+                ledger.store(),
+                &format!("bench-{code}"),
+                Role::Enumerator,
+                Scope {
+                    regions: Vec::new(),
+                    sites: vec![code.into()],
+                },
+                "bench",
+            )?;
+            per_tablet.push(tok);
+        }
         let (t, _) = relais_server::tokens::create(
             ledger.store(),
             "bench-tablet",
@@ -344,6 +395,9 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         )?;
         (t, per_tablet)
     };
+    let mut tablet_tokens = tablet_tokens;
+    let lan_token = tablet_tokens.pop().expect("pushed above");
+    let edge_token = tablet_tokens.pop().expect("pushed above");
     let server = start_server(&data)?;
     let pid = server.child.id();
     let url = server.url.clone();
@@ -450,6 +504,22 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     let docs = fresh.ledger().store().len()? as usize;
     let again = fresh.sync(&url, &token).await?;
     let (rss, cpu) = usage(pid);
+
+    // 5. Poor link: the same registrations on a clean link, then over 2G with drops.
+    let poor_link = if args.poor_link_registrations > 0 {
+        Some(
+            poor_link(
+                root,
+                &url,
+                &lan_token,
+                &edge_token,
+                args.poor_link_registrations,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     drop(server);
 
     Ok(Report {
@@ -480,5 +550,63 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         server_cpu_seconds: cpu,
         wire_bytes_per_household: sent_bytes as f64 / pushed.max(1) as f64,
         change_bytes_per_household: change_bytes as f64 / counted.max(1) as f64,
+        poor_link,
+    })
+}
+
+async fn poor_link(
+    root: &Path,
+    url: &str,
+    lan_token: &str,
+    edge_token: &str,
+    n: usize,
+) -> anyhow::Result<PoorLink> {
+    let writer = |d: &str| Writer {
+        enumerator: format!("enum-{d}"),
+        device: d.to_string(),
+    };
+    let lan = Replica::open(root.join("lan"), writer("lan"))?;
+    let edge = Replica::open(root.join("edge"), writer("edge"))?;
+    // Reference data over the clean link for both, then a day's registrations offline.
+    lan.sync(url, lan_token).await?;
+    edge.sync(url, edge_token).await?;
+    for i in 0..n {
+        lan.ledger().register(household("BEN-LAN", 500_000 + i))?;
+        edge.ledger().register(household("BEN-2G", 600_000 + i))?;
+    }
+    let clean = lan.sync(url, lan_token).await?;
+    let target: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/sync")
+        .parse()
+        .context("server address")?;
+    let proxy = crate::shaping::Proxy::start(target, crate::shaping::Shape::edge()).await?;
+    let via = format!("ws://{}/sync", proxy.addr);
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match edge.sync(&via, edge_token).await {
+            Ok(_) => break,
+            Err(e) if attempts < 50 => {
+                tracing::debug!(error = %e, "poor-link sync dropped; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => bail!("the poor-link sync never completed: {e}"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    use std::sync::atomic::Ordering;
+    let link_bytes =
+        proxy.counters.up.load(Ordering::Relaxed) + proxy.counters.down.load(Ordering::Relaxed);
+    let clean_bytes = clean.bytes_sent + clean.bytes_received;
+    Ok(PoorLink {
+        registrations: n,
+        seconds,
+        attempts,
+        drops: proxy.counters.drops.load(Ordering::Relaxed),
+        link_bytes,
+        clean_bytes,
+        resent_bytes: link_bytes as i64 - clean_bytes as i64,
     })
 }

@@ -15,6 +15,7 @@ use relais_server::tokens;
 mod bench;
 mod demo;
 mod field;
+mod shaping;
 mod soak;
 
 /// Relais: offline-first sync for humanitarian field registrations and distributions.

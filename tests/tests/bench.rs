@@ -16,6 +16,8 @@ fn the_load_generator_runs_a_tiny_configuration() {
         "20",
         "--latency-samples",
         "3",
+        "--poor-link-registrations",
+        "5",
         "--json",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -29,8 +31,9 @@ fn the_load_generator_runs_a_tiny_configuration() {
     assert!(r["changes_per_second"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p50"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
-    // 3 sites (one per pushing tablet, one to download), 1 campaign, 20 + 10 households.
-    assert_eq!(r["initial_sync"]["documents"], 34);
+    // 5 sites (one per pushing tablet, one to download, two for the poor-link phase),
+    // 1 campaign, 20 + 10 households.
+    assert_eq!(r["initial_sync"]["documents"], 36);
     assert_eq!(
         r["reconnect"]["frames"], 4,
         "a reconnect with nothing new is join, peer, request, reply"
@@ -39,6 +42,13 @@ fn the_load_generator_runs_a_tiny_configuration() {
     assert!(r["server_peak_rss_mb"].as_f64().unwrap() > 0.0);
     assert!(r["change_bytes_per_household"].as_f64().unwrap() > 0.0);
     assert!(r["wire_bytes_per_household"].as_f64().unwrap() > 0.0);
+    let poor = &r["poor_link"];
+    assert_eq!(poor["registrations"], 5);
+    assert!(poor["attempts"].as_u64().unwrap() >= 1);
+    assert!(
+        poor["link_bytes"].as_u64().unwrap() >= poor["clean_bytes"].as_u64().unwrap() / 2,
+        "{poor}"
+    );
 }
 
 #[test]
