@@ -145,7 +145,13 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
     let [y, m, day] = d[..] else {
         return Err(bad());
     };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || t.len() < 2 || t.len() > 3 {
+    // Years beyond four digits would overflow the arithmetic below.
+    if !(1..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || t.len() < 2
+        || t.len() > 3
+    {
         return Err(bad());
     }
     let (hh, mm, ss) = (t[0], t[1], t.get(2).copied().unwrap_or(0));
@@ -178,6 +184,10 @@ mod tests {
         assert_eq!(parse_time("12345").unwrap(), 12345);
         assert!(parse_time("2026-13-01").is_err());
         assert!(parse_time("yesterday").is_err());
+        assert!(
+            parse_time("99999999999999999-01-01").is_err(),
+            "a huge year is refused, not overflowed"
+        );
     }
 
     #[test]
