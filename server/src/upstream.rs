@@ -32,8 +32,18 @@ use crate::engine::{Engine, Input, Outgoing};
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A link silent for this long is considered dead and reopened.
+/// A link on which nothing (not even a pong) arrived for this long is considered dead and
+/// reopened; `RELAIS_UPSTREAM_IDLE_SECS` overrides it (tests use a few seconds).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn idle_timeout() -> Duration {
+    std::env::var("RELAIS_UPSTREAM_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(IDLE_TIMEOUT)
+}
 
 /// Where the last full sync with the upstream left off, saved in the store's meta table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +95,6 @@ pub struct Link {
 struct LinkState {
     url: String,
     connected: bool,
-    conn: Option<u64>,
     since: Option<i64>,
     last_error: Option<String>,
     connects: u64,
@@ -105,16 +114,6 @@ impl Link {
 
     fn with<R>(&self, f: impl FnOnce(&mut LinkState) -> R) -> R {
         f(&mut self.inner.lock().expect("not poisoned"))
-    }
-
-    /// The engine connection id of the link while it is up.
-    pub fn conn(&self) -> Option<u64> {
-        self.with(|s| s.conn)
-    }
-
-    /// True while the link is up.
-    pub fn connected(&self) -> bool {
-        self.with(|s| s.connected)
     }
 
     /// Documents the engine is still syncing with the upstream (set by the engine).
@@ -185,7 +184,6 @@ pub async fn run(
         };
         link.with(|s| {
             s.connected = false;
-            s.conn = None;
             s.since = None;
             if let Err(e) = &outcome {
                 s.last_error = Some(e.clone());
@@ -263,15 +261,24 @@ async fn session(
     }
     link.with(|s| {
         s.connected = true;
-        s.conn = Some(conn);
         s.since = Some(now_ms());
         s.connects += 1;
         s.last_error = None;
     });
     tracing::info!(conn, upstream = %cfg.url.split('?').next().unwrap_or(""), "upstream link up");
     let (mut sink, mut stream) = ws.split();
+    // A quiet office is not a dead link: ping, and count only what arrives as a sign of life.
+    let idle = idle_timeout();
+    let mut ping = tokio::time::interval(idle / 4);
+    ping.tick().await;
+    let mut heard = tokio::time::Instant::now();
     let result = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if let Err(e) = sink.send(WsMessage::Ping(Vec::new().into())).await {
+                    break Err(format!("send failed: {e}"));
+                }
+            }
             out = out_rx.recv() => match out {
                 Some(Outgoing::Frame(bytes)) => {
                     let len = bytes.len();
@@ -287,11 +294,12 @@ async fn session(
                 }
                 None => break Err("engine dropped the link".into()),
             },
-            msg = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match msg {
+            msg = tokio::time::timeout_at(heard + idle, stream.next()) => match msg {
                 Err(_) => break Err("upstream went silent".into()),
                 Ok(None) => break Err("upstream closed the connection".into()),
                 Ok(Some(Err(e))) => break Err(e.to_string()),
                 Ok(Some(Ok(WsMessage::Binary(b)))) => {
+                    heard = tokio::time::Instant::now();
                     let input = Input::Frame { conn, bytes: b.to_vec(), at: Instant::now() };
                     if !engine.send(input).await {
                         break Ok(());
@@ -301,7 +309,7 @@ async fn session(
                     let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                     break Err(format!("upstream closed the link: {reason}"));
                 }
-                Ok(Some(Ok(_))) => {}
+                Ok(Some(Ok(_))) => heard = tokio::time::Instant::now(),
             },
         }
     };

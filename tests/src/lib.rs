@@ -129,6 +129,11 @@ pub struct Server {
 impl Server {
     /// Starts `relais serve --data DATA --listen 127.0.0.1:0 EXTRA` and waits until it listens.
     pub fn start(data: &Path, extra: &[&str]) -> Server {
+        Server::start_env(data, extra, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let log = std::fs::File::create(data.with_extension("log")).expect("log file");
         let mut child = Command::new(relais_bin())
             .args([
@@ -140,6 +145,7 @@ impl Server {
             ])
             .args(extra)
             .env("RELAIS_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

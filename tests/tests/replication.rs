@@ -603,3 +603,41 @@ async fn an_erasure_at_bamako_reaches_an_office_and_its_tablets() {
     assert!(mopti.stop().success());
     assert!(bamako.stop().success());
 }
+
+/// A quiet office keeps its link: it pings, and only silence from Bamako (not even a pong)
+/// counts as a dead link. The idle limit is shortened to one second for the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_upstream_link_stays_up() {
+    let root = tempfile::tempdir().unwrap();
+    let bamako_data = data_dir(root.path(), "bamako");
+    seed_reference(&bamako_data);
+    let up = create_token(
+        &bamako_data,
+        "mopti-office",
+        &["--role", "replica", "--regions", "Mopti"],
+    );
+    let bamako = Server::start(&bamako_data, &[]);
+    let mopti_data = data_dir(root.path(), "mopti");
+    let m_admin = create_token(&mopti_data, "admin", &["--role", "admin"]);
+    let upstream = bamako.url();
+    let mopti = Server::start_env(
+        &mopti_data,
+        &["--upstream", &upstream, "--upstream-token", &up],
+        &[("RELAIS_UPSTREAM_IDLE_SECS", "1")],
+    );
+    let mut v = get(&mopti, "/api/v1/upstream", &m_admin);
+    for _ in 0..40 {
+        if v["connected"] == true && v["last_full_sync"].as_i64().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        v = get(&mopti, "/api/v1/upstream", &m_admin);
+    }
+    assert_eq!(v["connected"], true, "{v}");
+    // Five idle limits with nothing to sync.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let v = get(&mopti, "/api/v1/upstream", &m_admin);
+    assert_eq!(v["connected"], true, "{v}");
+    assert_eq!(v["connects"], 1, "the link never dropped: {v}");
+    assert!(v["last_error"].is_null(), "{v}");
+}
