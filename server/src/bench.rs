@@ -133,6 +133,9 @@ pub struct Phase {
 
 pub(crate) struct ServerProc {
     pub(crate) child: Child,
+    /// Where it listens.
+    pub(crate) addr: std::net::SocketAddr,
+    /// Its sync endpoint.
     pub(crate) url: String,
 }
 
@@ -160,35 +163,100 @@ pub(crate) fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
         .next()
         .context("relais serve printed nothing")?
         .context("reading relais serve")?;
-    let addr = first
+    let addr: std::net::SocketAddr = first
         .split("://")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
-        .context("unexpected first line of relais serve")?
-        .to_string();
+        .and_then(|a| a.parse().ok())
+        .context("unexpected first line of relais serve")?;
     std::thread::spawn(move || for _ in lines {});
     Ok(ServerProc {
         child,
+        addr,
         url: format!("ws://{addr}/sync"),
     })
 }
 
-/// Peak RSS (MB) and CPU seconds of a process, from /proc.
-pub(crate) fn usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
+/// A fresh server store holding sites `codes` (region Mopti) and campaign JP-2023 with
+/// `items` (e.g. `nfi-kit:1`) at all of them.
+pub(crate) fn reference_store(
+    data: &Path,
+    codes: &[String],
+    items: &[&str],
+) -> anyhow::Result<Ledger> {
+    let store = Store::open(data.join("relais.redb"))?;
+    let ledger = Ledger::new(
+        store,
+        Writer {
+            enumerator: "bench".into(),
+            device: "bench".into(),
+        },
+    )?;
+    for code in codes {
+        ledger.put_site(&Site {
+            code: code.clone(),
+            name: code.clone(),
+            kind: SiteKind::OfficialSite,
+            admin1: "Mopti".into(),
+            admin2: "Mopti".into(),
+            admin3: None,
+        })?;
+    }
+    ledger.put_campaign(&Campaign {
+        code: "JP-2023".into(),
+        name: "bench".into(),
+        donor: None,
+        start: None,
+        end: None,
+        items: items
+            .iter()
+            .map(|i| parse_entitlement(i))
+            .collect::<Result<_, _>>()?,
+        sites: codes.to_vec(),
+    })?;
+    Ok(ledger)
+}
+
+/// An enumerator token named `name` for one site, or for every site.
+pub(crate) fn enumerator_token(
+    ledger: &Ledger,
+    name: &str,
+    site: Option<&str>,
+) -> anyhow::Result<String> {
+    let scope = match site {
+        Some(s) => Scope {
+            regions: Vec::new(),
+            sites: vec![s.into()],
+        },
+        None => Scope::all(),
+    };
+    let (token, _) =
+        relais_server::tokens::create(ledger.store(), name, Role::Enumerator, scope, "bench")?;
+    Ok(token)
+}
+
+/// A `/proc/PID/status` memory line (`VmRSS`, `VmHWM`) in MB; 0 when unreadable.
+pub(crate) fn status_mb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Peak RSS (MB) and CPU seconds of a process, from /proc.
+pub(crate) fn usage(pid: u32) -> (f64, f64) {
+    let hwm = status_mb(pid, "VmHWM");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime is the 14th field.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Linux reports CPU time in clock ticks of 1/100 s.
-    (hwm / 1024.0, (ticks(11) + ticks(12)) / 100.0)
+    (hwm, (ticks(11) + ticks(12)) / 100.0)
 }
 
 pub(crate) fn household(site: &str, i: usize) -> NewHousehold {
@@ -323,81 +391,29 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     // The store: one site for the pushing tablets, one for the download, a campaign.
     let data = root.join("server");
-    let (token, tablet_tokens) = {
-        let store = Store::open(data.join("relais.redb"))?;
-        let ledger = Ledger::new(
-            store,
-            Writer {
-                enumerator: "bench".into(),
-                device: "bench".into(),
-            },
-        )?;
-        // Each pushing tablet has its own site, so the push phase measures merging, not the
-        // fan-out of every tablet's work to every other (measured by the latency phase).
-        let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
-        codes.push("BEN-02".into());
-        // The poor-link tablet and its clean-link twin each have a site of their own.
-        codes.push("BEN-2G".into());
-        codes.push("BEN-LAN".into());
-        for code in &codes {
-            ledger.put_site(&Site {
-                code: code.clone(),
-                name: code.clone(),
-                kind: SiteKind::OfficialSite,
-                admin1: "Mopti".into(),
-                admin2: "Mopti".into(),
-                admin3: None,
-            })?;
-        }
-        ledger.put_campaign(&Campaign {
-            code: "JP-2023".into(),
-            name: "bench".into(),
-            donor: None,
-            start: None,
-            end: None,
-            items: vec![parse_entitlement("nfi-kit:1")?],
-            sites: codes.clone(),
-        })?;
-        let mut per_tablet = Vec::new();
-        for t in 0..args.tablets {
-            let scope = Scope {
-                regions: Vec::new(),
-                sites: vec![format!("BEN-P{t}")],
-            };
-            let (tok, _) = relais_server::tokens::create(
-                ledger.store(),
-                &format!("bench-tab-{t}"),
-                Role::Enumerator,
-                scope,
-                "bench",
-            )?;
-            per_tablet.push(tok);
-        }
-        for code in ["BEN-2G", "BEN-LAN"] {
-            let (tok, _) = relais_server::tokens::create(
-                ledger.store(),
-                &format!("bench-{code}"),
-                Role::Enumerator,
-                Scope {
-                    regions: Vec::new(),
-                    sites: vec![code.into()],
-                },
-                "bench",
-            )?;
-            per_tablet.push(tok);
-        }
-        let (t, _) = relais_server::tokens::create(
-            ledger.store(),
-            "bench-tablet",
-            Role::Enumerator,
-            Scope::all(),
-            "bench",
-        )?;
-        (t, per_tablet)
+    // Each pushing tablet has its own site, so the push phase measures merging, not the
+    // fan-out of every tablet's work to every other (measured by the latency phase). The
+    // poor-link tablet and its clean-link twin each have a site of their own too.
+    let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
+    codes.extend(["BEN-02", "BEN-2G", "BEN-LAN"].map(String::from));
+    let (token, tablet_tokens, edge_token, lan_token) = {
+        let ledger = reference_store(&data, &codes, &["nfi-kit:1"])?;
+        let per_tablet = (0..args.tablets)
+            .map(|t| {
+                enumerator_token(
+                    &ledger,
+                    &format!("bench-tab-{t}"),
+                    Some(&format!("BEN-P{t}")),
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        (
+            enumerator_token(&ledger, "bench-tablet", None)?,
+            per_tablet,
+            enumerator_token(&ledger, "bench-BEN-2G", Some("BEN-2G"))?,
+            enumerator_token(&ledger, "bench-BEN-LAN", Some("BEN-LAN"))?,
+        )
     };
-    let mut tablet_tokens = tablet_tokens;
-    let lan_token = tablet_tokens.pop().expect("pushed above");
-    let edge_token = tablet_tokens.pop().expect("pushed above");
     let server = start_server(&data)?;
     let pid = server.child.id();
     let url = server.url.clone();
@@ -510,7 +526,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         Some(
             poor_link(
                 root,
-                &url,
+                &server,
                 &lan_token,
                 &edge_token,
                 args.poor_link_registrations,
@@ -556,7 +572,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
 
 async fn poor_link(
     root: &Path,
-    url: &str,
+    server: &ServerProc,
     lan_token: &str,
     edge_token: &str,
     n: usize,
@@ -568,6 +584,7 @@ async fn poor_link(
     let lan = Replica::open(root.join("lan"), writer("lan"))?;
     let edge = Replica::open(root.join("edge"), writer("edge"))?;
     // Reference data over the clean link for both, then a day's registrations offline.
+    let url = &server.url;
     lan.sync(url, lan_token).await?;
     edge.sync(url, edge_token).await?;
     for i in 0..n {
@@ -575,12 +592,7 @@ async fn poor_link(
         edge.ledger().register(household("BEN-2G", 600_000 + i))?;
     }
     let clean = lan.sync(url, lan_token).await?;
-    let target: std::net::SocketAddr = url
-        .trim_start_matches("ws://")
-        .trim_end_matches("/sync")
-        .parse()
-        .context("server address")?;
-    let proxy = crate::shaping::Proxy::start(target, crate::shaping::Shape::edge()).await?;
+    let proxy = crate::shaping::Proxy::start(server.addr, crate::shaping::Shape::edge()).await?;
     let via = format!("ws://{}/sync", proxy.addr);
     let started = Instant::now();
     let mut attempts = 0;

@@ -145,6 +145,9 @@ async fn pump(
             dropped = true;
             break;
         }
+        // Read no faster than the link carries, so the sender feels it as a slow socket
+        // instead of the proxy buffering without bound.
+        tokio::time::sleep_until(free_at).await;
     }
     drop(tx);
     if dropped {

@@ -10,14 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rand::{Rng, SeedableRng};
 use relais_client::{Replica, SyncOptions, Writer};
-use relais_core::access::{Role, Scope};
-use relais_core::campaign::{parse_entitlement, Campaign};
-use relais_core::ledger::Ledger;
-use relais_core::site::{Site, SiteKind};
-use relais_core::store::Store;
 use serde::Serialize;
 
-use crate::bench::{household, start_server};
+use crate::bench::{enumerator_token, household, reference_store, start_server, status_mb};
 
 /// Tablets per site: about one team's tablets.
 const PER_SITE: usize = 20;
@@ -56,14 +51,7 @@ pub struct SoakReport {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    status_mb(pid, "VmRSS")
 }
 
 /// Runs the soak with `tablets` tablets for `minutes`, writing `rate` changes a second.
@@ -78,54 +66,18 @@ pub async fn soak(
     }
     let sites = tablets.div_ceil(PER_SITE);
     let data = root.join("server");
+    let codes: Vec<String> = (0..sites).map(|s| format!("SOAK-{s:03}")).collect();
     let tokens = {
-        let store = Store::open(data.join("relais.redb"))?;
-        let ledger = Ledger::new(
-            store,
-            Writer {
-                enumerator: "soak".into(),
-                device: "soak".into(),
-            },
-        )?;
-        let codes: Vec<String> = (0..sites).map(|s| format!("SOAK-{s:03}")).collect();
-        for code in &codes {
-            ledger.put_site(&Site {
-                code: code.clone(),
-                name: code.clone(),
-                kind: SiteKind::OfficialSite,
-                admin1: "Mopti".into(),
-                admin2: "Mopti".into(),
-                admin3: None,
-            })?;
-        }
-        ledger.put_campaign(&Campaign {
-            code: "JP-2023".into(),
-            name: "soak".into(),
-            donor: None,
-            start: None,
-            end: None,
-            items: vec![
-                parse_entitlement("nfi-kit:1")?,
-                parse_entitlement("shelter-kit:1")?,
-            ],
-            sites: codes,
-        })?;
-        let mut tokens = Vec::with_capacity(tablets);
-        for t in 0..tablets {
-            let scope = Scope {
-                regions: Vec::new(),
-                sites: vec![format!("SOAK-{:03}", t / PER_SITE)],
-            };
-            let (tok, _) = relais_server::tokens::create(
-                ledger.store(),
-                &format!("soak-tab-{t}"),
-                Role::Enumerator,
-                scope,
-                "soak",
-            )?;
-            tokens.push(tok);
-        }
-        tokens
+        let ledger = reference_store(&data, &codes, &["nfi-kit:1", "shelter-kit:1"])?;
+        (0..tablets)
+            .map(|t| {
+                enumerator_token(
+                    &ledger,
+                    &format!("soak-tab-{t}"),
+                    Some(&codes[t / PER_SITE]),
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
     let mut server = start_server(&data)?;
     let pid = server.child.id();
