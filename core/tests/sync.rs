@@ -643,6 +643,39 @@ fn a_change_that_arrives_before_its_dependency_is_kept_until_it_applies() {
     let step = hub.receive(1, &parent);
     store.write(&step.writes).unwrap();
     assert_eq!(store.load(h).unwrap().unwrap().doc.get_heads(), c2);
+
+    // A peer that only ever sends orphans is cut off after MAX_UNAPPLIED messages, and only
+    // that peer: the count is per connection.
+    let mut more = doc.fork();
+    for (key, v) in [("third", 3), ("fourth", 4)] {
+        let mut tx = more.transaction();
+        tx.put(automerge::ROOT, key, v).unwrap();
+        tx.commit();
+    }
+    let c3 = more.get_changes(&c2).first().unwrap().hash();
+    let with_c3 = more.fork_at(&[c3]).unwrap();
+    let orphan = only(&more, &with_c3);
+    for conn in [2, 3] {
+        hub.connect(conn, Identity::admin(format!("tab-{conn}")));
+        hub.receive(conn, &join.encode());
+    }
+    for i in 0..relais_core::protocol::hub::MAX_UNAPPLIED {
+        let step = hub.receive(2, &orphan);
+        assert!(
+            step.closes.is_empty(),
+            "message {i}: still within the limit"
+        );
+    }
+    let step = hub.receive(3, &orphan);
+    assert!(step.closes.is_empty(), "another peer has its own count");
+    let step = hub.receive(2, &orphan);
+    assert_eq!(step.closes.len(), 1, "one message too many");
+    assert_eq!(step.closes[0].0, 2);
+    assert!(
+        step.closes[0].1.contains("missing dependencies"),
+        "{:?}",
+        step.closes
+    );
 }
 
 /// A live session reports `Synced` again after each push the server confirmed, with the

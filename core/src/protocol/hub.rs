@@ -194,8 +194,6 @@ struct LoadedDoc {
     /// Heads known durable (or handed to the adapter to make durable).
     persisted: Vec<ChangeHash>,
     last_used: u64,
-    /// Sync messages in a row whose changes all waited for missing dependencies.
-    unapplied: u32,
 }
 
 enum Phase {
@@ -239,6 +237,11 @@ struct Conn {
     state_key: Option<String>,
     /// Documents whose refused writes were already audited on this connection.
     refused: HashSet<DocumentId>,
+    /// Documents whose changes this peer read were already audited on this connection.
+    read_audited: HashSet<DocumentId>,
+    /// Per document: this peer's sync messages in a row whose changes all waited in
+    /// automerge's queue for missing dependencies.
+    unapplied: HashMap<DocumentId, u32>,
 }
 
 /// The fields of a `relais-changes` message.
@@ -286,8 +289,9 @@ pub const OUTBOUND_WINDOW: usize = 64;
 /// of announcements without content are a flood, and would hold memory for nothing.
 pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
 
-/// Sync messages in a row for one document whose changes all lack dependencies before the
-/// connection is dropped: a peer that only ever sends orphans would grow automerge's queue.
+/// Sync messages in a row from one peer for one document whose changes all lack
+/// dependencies before the connection is dropped: a peer that only ever sends orphans would
+/// grow automerge's queue.
 pub const MAX_UNAPPLIED: u32 = 64;
 
 /// How many recent ephemeral messages are remembered to stop relay loops.
@@ -357,6 +361,8 @@ impl<S: HubStore> Hub<S> {
                 announced: HashSet::new(),
                 state_key: None,
                 refused: HashSet::new(),
+                read_audited: HashSet::new(),
+                unapplied: HashMap::new(),
             },
         );
     }
@@ -386,6 +392,8 @@ impl<S: HubStore> Hub<S> {
                 announced: HashSet::new(),
                 state_key: None,
                 refused: HashSet::new(),
+                read_audited: HashSet::new(),
+                unapplied: HashMap::new(),
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
@@ -947,7 +955,6 @@ impl<S: HubStore> Hub<S> {
                 info: DocInfo::other(),
                 persisted: Vec::new(),
                 last_used: self.clock,
-                unapplied: 0,
             },
         );
     }
@@ -969,7 +976,6 @@ impl<S: HubStore> Hub<S> {
                         info: s.meta.info,
                         persisted,
                         last_used: self.clock,
-                        unapplied: 0,
                     },
                 );
                 Ok(true)
@@ -1029,7 +1035,7 @@ impl<S: HubStore> Hub<S> {
         if known && !identity.can_read(&self.docs[&id].info) {
             // Out of scope answers exactly as unknown, so ids cannot be probed.
             if !sync_msg.changes.is_empty() {
-                step.refused(&identity, id, "out of scope");
+                self.refuse_once(conn, &identity, id, "out of scope", step);
             }
             if is_request || !sync_msg.changes.is_empty() {
                 return self.unavailable(conn, m.document_id, step);
@@ -1124,17 +1130,23 @@ impl<S: HubStore> Hub<S> {
                 // session (a bloom-filter false positive leads here), so dropping them would
                 // leave both sides asking each other for the same change forever. They are
                 // checked like any change once their dependencies arrive.
-                let entry = self.docs.get_mut(&id).expect("loaded above");
-                entry.unapplied += 1;
-                if entry.unapplied > MAX_UNAPPLIED {
-                    self.docs.remove(&id);
-                    return self.fail(
-                        step,
-                        conn,
-                        format!("document {id}: {MAX_UNAPPLIED} messages of changes with missing dependencies"),
-                    );
+                // Nothing queued (duplicates, or a read-only state ignoring them): nothing to
+                // keep. Counted per connection, so one peer's orphans never cut off another.
+                if !candidate.get_missing_deps(&[]).is_empty() {
+                    let c = self.conns.get_mut(&conn).expect("checked");
+                    let n = c.unapplied.entry(id).or_insert(0);
+                    *n += 1;
+                    if *n > MAX_UNAPPLIED {
+                        // Reloaded from the store when next needed, without the queue.
+                        self.docs.remove(&id);
+                        return self.fail(
+                            step,
+                            conn,
+                            format!("document {id}: {MAX_UNAPPLIED} messages of changes with missing dependencies"),
+                        );
+                    }
+                    self.docs.get_mut(&id).expect("loaded above").doc = candidate;
                 }
-                entry.doc = candidate;
             } else {
                 let info = self.describe(&candidate);
                 let old_info = self.docs[&id].info.clone();
@@ -1142,15 +1154,17 @@ impl<S: HubStore> Hub<S> {
                 let allowed = identity.can_write(&info)
                     || (known && identity.can_write(&old_info) && info.kind == DocKind::Household);
                 if !allowed {
-                    step.refused(&identity, id, "change out of scope");
+                    self.refuse_once(conn, &identity, id, "change out of scope", step);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.syncs.remove(&id);
                     }
                     return self.unavailable(conn, m.document_id, step);
                 }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.unapplied.remove(&id);
+                }
                 let entry = self.docs.get_mut(&id).expect("loaded above");
                 entry.doc = candidate;
-                entry.unapplied = 0;
                 entry.info = info.clone();
                 let base = std::mem::take(&mut entry.persisted);
                 step.writes
@@ -1256,12 +1270,10 @@ impl<S: HubStore> Hub<S> {
         let Some(msg) = entry.doc.generate_sync_message(state) else {
             return false;
         };
-        if !msg.changes.is_empty() && c.outbound.is_none() {
-            step.audit.push(AuditEntry::now(
-                c.identity.device.clone(),
-                AuditAction::SyncRead,
-                Some(id),
-            ));
+        // Once per session and document: a record per message would add a durable write to
+        // every relay round.
+        if !msg.changes.is_empty() && c.outbound.is_none() && c.read_audited.insert(id) {
+            step.audit(&c.identity, AuditAction::SyncRead, id);
         }
         let dm = DocMessage {
             sender_id: self.cfg.peer_id.clone(),
@@ -1288,6 +1300,9 @@ impl<S: HubStore> Hub<S> {
             .get(&id)
             .map(|s| s.iter().copied().filter(|c| Some(*c) != from).collect())
             .unwrap_or_default();
+        let heads = self.docs[&id].doc.get_heads();
+        let mut mine = heads.clone();
+        mine.sort();
         for other in &subscribers {
             let readable = self.conns[other].identity.can_read(&info);
             if readable {
@@ -1295,8 +1310,6 @@ impl<S: HubStore> Hub<S> {
                 // Await the server's answer only when there is one to come: a reload of a
                 // document the server itself just sent has nothing to say, and waiting for an
                 // answer to it would keep a live session from ever reporting `Synced`.
-                let mut mine = self.docs[&id].doc.get_heads();
-                mine.sort();
                 if let Some(c) = self.conns.get_mut(other) {
                     let mut theirs = c.syncs.get(&id).and_then(|s| s.their_heads.clone());
                     if let Some(t) = theirs.as_mut() {
@@ -1323,12 +1336,7 @@ impl<S: HubStore> Hub<S> {
         }
         // Relais clients hear of documents they do not follow yet, so a tablet in the
         // field receives its colleagues' registrations while connected.
-        let heads: Vec<Vec<u8>> = self.docs[&id]
-            .doc
-            .get_heads()
-            .iter()
-            .map(|h| h.0.to_vec())
-            .collect();
+        let heads: Vec<Vec<u8>> = heads.iter().map(|h| h.0.to_vec()).collect();
         let candidates: Vec<(ConnId, bool)> = self
             .conns
             .iter()
@@ -1620,7 +1628,6 @@ impl<S: HubStore> Hub<S> {
                         info,
                         persisted,
                         last_used: self.clock,
-                        unapplied: 0,
                     },
                 );
             }
