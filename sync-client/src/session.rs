@@ -294,7 +294,7 @@ where
 {
     let store = replica.ledger().store();
     // Durable before anything is acknowledged to the server.
-    let seqs = store.write(&step.writes)?;
+    let mut seqs = store.write(&step.writes)?;
     let mut done = false;
     for e in step.events {
         match e {
@@ -308,7 +308,11 @@ where
                 let held = store.meta(id)?.is_some_and(|m| !m.info.erased);
                 if erased {
                     // A tombstone, so that no other server or stale copy brings it back here.
-                    store.erase(id, &[])?;
+                    // It takes a feed sequence of its own: the server's doing, not a local
+                    // change, so the cursor moves over it like over what the server sent.
+                    if let Some(tomb) = store.erase(id, &[])? {
+                        seqs.push(tomb.seq);
+                    }
                 } else {
                     store.remove(id)?;
                 }

@@ -248,6 +248,11 @@ async fn erasure_reaches_every_replica_and_nothing_brings_it_back() {
         assert!(r.ledger().household(keep).is_ok());
         let meta = r.ledger().store().meta(h).unwrap().unwrap();
         assert!(meta.info.erased && meta.heads.is_empty());
+        assert_eq!(
+            r.status().unwrap().pending_documents,
+            0,
+            "the tombstone is the server's doing, not a change waiting to be pushed"
+        );
         // Syncing again brings nothing back.
         r.sync(&server.url(), &tab).await.unwrap();
         assert!(r.ledger().household(h).is_err());
