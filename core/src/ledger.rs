@@ -12,7 +12,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use automerge::{transaction::Transactable, ActorId, Automerge, ChangeHash, ROOT};
 use serde::Serialize;
 
-use crate::audit::{AuditAction, AuditEntry};
 use crate::campaign::Campaign;
 use crate::conflict::{conflicts, FieldConflict};
 use crate::distribution::{self, Distribution, HandoutSlot, DISTRIBUTIONS};
@@ -514,15 +513,11 @@ impl Ledger {
     /// Erases a household: its document and every trace of its personal data leave this
     /// store, leaving a tombstone that replicas learn to purge and that nothing can overwrite.
     /// `by` is the token name recorded in the audit log.
-    pub fn erase(&self, id: DocumentId, by: &str) -> Result<(), LedgerError> {
-        match self.store.meta(id)? {
-            Some(m) if m.info.kind == DocKind::Household => {
-                let entry = AuditEntry::now(by, AuditAction::Erase, Some(id));
-                self.store.erase(id, &[entry])?;
-                Ok(())
-            }
-            _ => Err(ValidationError::UnknownHousehold(id.to_string()).into()),
-        }
+    pub fn erase(&self, id: DocumentId, by: &str) -> Result<crate::store::DocMeta, LedgerError> {
+        self.store
+            .erase_household(id, by)?
+            .map(|(tomb, _)| tomb)
+            .ok_or_else(|| ValidationError::UnknownHousehold(id.to_string()).into())
     }
 
     /// Resolves a double handout: confirm every handout, or keep one and void the others.

@@ -595,6 +595,27 @@ impl Store {
         Ok(existed)
     }
 
+    /// Erases a household on `by`'s request (a token name, recorded in the audit log in the
+    /// same transaction). Returns the tombstone's metadata and whether this call erased it
+    /// (`false`: it already was, and nothing was written), or `None` when `id` is not a
+    /// household here.
+    pub fn erase_household(
+        &self,
+        id: DocumentId,
+        by: &str,
+    ) -> Result<Option<(DocMeta, bool)>, StoreError> {
+        match self.meta(id)? {
+            Some(m) if m.info.kind == crate::document::DocKind::Household && m.info.erased => {
+                Ok(Some((m, false)))
+            }
+            Some(m) if m.info.kind == crate::document::DocKind::Household => {
+                let entry = AuditEntry::now(by, crate::audit::AuditAction::Erase, Some(id));
+                Ok(self.erase(id, &[entry])?.map(|t| (t, true)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Erases a document: drops its bytes and saved sync states, keeps its metadata marked
     /// erased (no personal data: kind, sites, regions), and gives it a new feed sequence so
     /// every replica that could hold it is told to purge it. Returns the tombstone's metadata,

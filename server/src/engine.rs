@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use relais_core::access::Identity;
 use relais_core::audit::{AuditAction, AuditEntry};
-use relais_core::document::DocKind;
 use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, HubStats, Step};
 use relais_core::store::Store;
 use relais_core::DocumentId;
@@ -175,19 +174,12 @@ fn erase(
     id: DocumentId,
     by: &str,
 ) -> Result<bool, String> {
-    let meta = match store.meta(id) {
-        Ok(Some(m)) if m.info.kind == DocKind::Household => m,
-        Ok(_) => return Ok(false),
-        Err(e) => return Err(e.to_string()),
-    };
-    if meta.info.erased {
-        return Ok(true);
-    }
-    let entry = AuditEntry::now(by, AuditAction::Erase, Some(id));
-    match store.erase(id, &[entry]) {
-        Ok(Some(tomb)) => {
-            tracing::info!(document = %id, by, "household erased");
-            merge(step, hub.purged(id, &tomb.info, true));
+    match store.erase_household(id, by) {
+        Ok(Some((tomb, newly))) => {
+            if newly {
+                tracing::info!(document = %id, by, "household erased");
+                merge(step, hub.purged(id, &tomb.info, true));
+            }
             Ok(true)
         }
         Ok(None) => Ok(false),

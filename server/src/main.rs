@@ -999,16 +999,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.call("DELETE", &format!("/api/v1/households/{doc}"), None)?;
             } else {
                 let mut store = open(&data.data)?;
-                match store.meta(doc)? {
-                    Some(m) if m.info.kind == relais_core::document::DocKind::Household => {}
-                    _ => bail!("unknown household {doc} in {}", data.data.display()),
+                if store.erase_household(doc, ADMIN_CLI)?.is_none() {
+                    bail!("unknown household {doc} in {}", data.data.display());
                 }
-                let entry = relais_core::audit::AuditEntry::now(
-                    ADMIN_CLI,
-                    relais_core::audit::AuditAction::Erase,
-                    Some(doc),
-                );
-                store.erase(doc, &[entry])?;
                 store.compact_file()?;
             }
             println!("erased household {doc}; replicas purge it at their next sync");
