@@ -26,6 +26,8 @@ pub enum AuditAction {
     TokenCreated,
     /// A token was revoked.
     TokenRevoked,
+    /// A token's scope changed.
+    TokenRescoped,
 }
 
 impl AuditAction {
@@ -39,6 +41,7 @@ impl AuditAction {
             AuditAction::Erase => "erase",
             AuditAction::TokenCreated => "token-created",
             AuditAction::TokenRevoked => "token-revoked",
+            AuditAction::TokenRescoped => "token-rescoped",
         }
     }
 }

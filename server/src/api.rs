@@ -248,12 +248,12 @@ pub async fn rescope_token(
     Path(name): Path<String>,
     Json(req): Json<ScopeChange>,
 ) -> Result<Response, ApiError> {
-    admin(&app, addr, &headers)?;
+    let who = admin(&app, addr, &headers)?;
     let scope = Scope {
         regions: req.regions,
         sites: req.sites,
     };
-    let rec = tokens::set_scope(&app.store, &name, scope)?;
+    let rec = tokens::set_scope(&app.store, &name, scope, &who.device)?;
     app.engine
         .send(Input::CloseDevice {
             device: name,

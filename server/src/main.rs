@@ -985,7 +985,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sites,
             } => {
                 let store = open(&data.data)?;
-                let rec = tokens::set_scope(&store, &name, Scope { regions, sites })?;
+                let rec = tokens::set_scope(&store, &name, Scope { regions, sites }, ADMIN_CLI)?;
                 println!("{name} now covers {}", describe_scope(&rec.scope));
                 Ok(())
             }

@@ -183,34 +183,54 @@ pub fn revoke(store: &Store, name: &str, by: &str) -> Result<TokenRecord, TokenE
     Ok(record)
 }
 
-/// Changes a token's scope. Devices using it reconnect with the new scope, and are told to
-/// purge what the old scope covered and the new one does not.
-pub fn set_scope(store: &Store, name: &str, scope: Scope) -> Result<TokenRecord, TokenError> {
+/// Changes a token's scope, on `by`'s request (recorded in the audit log). Devices using it
+/// reconnect with the new scope, and are told to purge what the old scope covered and the
+/// new one does not.
+pub fn set_scope(
+    store: &Store,
+    name: &str,
+    scope: Scope,
+    by: &str,
+) -> Result<TokenRecord, TokenError> {
+    let current = {
+        let txn = store.database().begin_read()?;
+        let tokens = txn.open_table(TOKENS)?;
+        let v = tokens
+            .get(name)?
+            .map(|g| g.value().to_vec())
+            .ok_or_else(|| TokenError::Unknown(name.to_string()))?;
+        serde_json::from_slice::<TokenRecord>(&v)
+            .map_err(|_| TokenError::Unknown(name.to_string()))?
+    };
+    if current.scope == scope {
+        return Ok(current);
+    }
     // Devices that listed changes before this point get a full listing once.
     let seq = store.mark_feed()?;
+    let mut r = current;
+    let before = match &r.former {
+        Some(f) => f.scope.union(&r.scope),
+        None => r.scope.clone(),
+    };
+    r.former = Some(FormerScope { scope: before, seq });
+    r.scope = scope;
     let txn = store.database().begin_write()?;
-    let record;
     {
         let mut tokens = txn.open_table(TOKENS)?;
-        let Some(v) = tokens.get(name)?.map(|g| g.value().to_vec()) else {
-            return Err(TokenError::Unknown(name.to_string()));
-        };
-        let mut r: TokenRecord =
-            serde_json::from_slice(&v).map_err(|_| TokenError::Unknown(name.to_string()))?;
-        if r.scope != scope {
-            let before = match &r.former {
-                Some(f) => f.scope.union(&r.scope),
-                None => r.scope.clone(),
-            };
-            r.former = Some(FormerScope { scope: before, seq });
-            r.scope = scope;
-        }
         let bytes = serde_json::to_vec(&r).expect("record serialises");
         tokens.insert(name, bytes.as_slice())?;
-        record = r;
     }
+    let detail = format!(
+        "{name}: regions [{}], sites [{}]",
+        r.scope.regions.join(","),
+        r.scope.sites.join(",")
+    );
+    append_audit(
+        &txn,
+        &[AuditEntry::now(by, AuditAction::TokenRescoped, None).with_detail(detail)],
+    )?;
     txn.commit()?;
-    Ok(record)
+    Ok(r)
 }
 
 /// The live (not revoked) record for a presented token.

@@ -395,6 +395,27 @@ async fn a_scope_change_purges_what_the_device_may_no_longer_hold() {
         Some(r#"{"sites":["SOC-02","GAO-01"]}"#),
     );
     assert_eq!(status, 200, "{body}");
+    let (_, audit) = json(
+        &server,
+        "GET",
+        "/api/v1/audit?action=token-rescoped",
+        &admin,
+    );
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(entries[0]["token"], "admin");
+    assert_eq!(
+        entries[0]["detail"],
+        "tab-x: regions [], sites [SOC-02,GAO-01]"
+    );
+    let (status, _) = http(
+        server.addr,
+        "PATCH",
+        "/api/v1/tokens/no-such-token",
+        Some(&admin),
+        Some(r#"{"sites":["SOC-02"]}"#),
+    );
+    assert_eq!(status, 404, "an unknown token");
     let s = t.sync(&server.url(), &tok).await.unwrap();
     assert_eq!(
         s.documents_purged,
