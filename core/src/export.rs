@@ -79,7 +79,6 @@ pub fn write_sites<W: Write>(
     let mut w = csv::Writer::from_writer(out);
     header(&mut w, &SITE_COLUMNS, hxl)?;
     for s in &f.sites {
-        let vulnerable: u64 = s.vulnerabilities.values().sum();
         w.write_record([
             s.admin1.clone(),
             s.admin2.clone(),
@@ -93,7 +92,7 @@ pub fn write_sites<W: Write>(
             s.age_5_17.to_string(),
             s.age_18_59.to_string(),
             s.age_60_plus.to_string(),
-            vulnerable.to_string(),
+            s.vulnerable_households.to_string(),
             ctx.date.clone(),
             ctx.org.clone(),
         ])?;

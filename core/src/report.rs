@@ -44,6 +44,8 @@ pub struct SiteFigures {
     pub age_60_plus: u64,
     /// Households with each vulnerability.
     pub vulnerabilities: BTreeMap<String, u64>,
+    /// Households with at least one vulnerability (a household with two counts once).
+    pub vulnerable_households: u64,
 }
 
 impl SiteFigures {
@@ -59,6 +61,7 @@ impl SiteFigures {
         for (k, v) in &other.vulnerabilities {
             *self.vulnerabilities.entry(k.clone()).or_default() += v;
         }
+        self.vulnerable_households += other.vulnerable_households;
     }
 }
 
@@ -183,6 +186,9 @@ impl Report {
                     *f.vulnerabilities
                         .entry(vulnerability_name(*v).into())
                         .or_default() += 1;
+                }
+                if !h.vulnerabilities.is_empty() {
+                    f.vulnerable_households += 1;
                 }
                 id
             }

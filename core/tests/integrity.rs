@@ -190,6 +190,31 @@ fn duplicate_candidates_true_and_false_cases() {
 }
 
 #[test]
+fn a_household_with_two_vulnerabilities_is_one_vulnerable_household() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    l.register(NewHousehold {
+        vulnerabilities: vec![Vulnerability::Widow, Vulnerability::Disability],
+        ..family("SOC-01", "A One", "F:34,M:12", None)
+    })
+    .unwrap();
+    l.register(family("SOC-01", "B Two", "M:40", None)).unwrap();
+    let f = l.report(|_| true).unwrap();
+    assert_eq!(f.total.vulnerable_households, 1);
+    assert_eq!(f.total.vulnerabilities.values().sum::<u64>(), 2);
+    let ctx = relais_core::export::ExportContext {
+        date: "2023-07-31".into(),
+        org: "UNHCR".into(),
+    };
+    let mut out = Vec::new();
+    relais_core::export::write_sites(&mut out, &f, &ctx, false).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(row[12], "1", "vulnerable_households:\n{text}");
+}
+
+#[test]
 fn figures_of_a_known_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let l = ledger(dir.path(), "tab");
