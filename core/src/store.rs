@@ -299,9 +299,20 @@ fn decode_meta(id: DocumentId, bytes: &[u8]) -> Result<DocMeta, StoreError> {
     })
 }
 
+/// redb's page cache for [`Store::open`]: 64 MiB. redb's own default, 1 GiB, lets a
+/// long-running server's memory grow with its file (measured: +108 MB over a 10-minute
+/// soak), and a tablet has no such memory to spare.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 impl Store {
-    /// Opens the store at `path`, creating the file (and its directory) if needed.
+    /// Opens the store at `path`, creating the file (and its directory) if needed, with a
+    /// page cache of [`DEFAULT_CACHE_BYTES`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Store::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Store::open`], with redb's page cache bounded to `cache_bytes`.
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
@@ -309,7 +320,10 @@ impl Store {
                 source,
             })?;
         }
-        let db = match Database::create(&path) {
+        let db = match redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(path)),
             Err(e) => return Err(e.into()),
@@ -379,12 +393,34 @@ impl Store {
         writes: &[DocWrite],
         audit: &[AuditEntry],
     ) -> Result<Vec<u64>, StoreError> {
-        if writes.is_empty() && audit.is_empty() {
+        self.commit_all(writes, audit, &[])
+    }
+
+    /// Like [`Store::write`], and saves sync states (as [`Store::put_sync_states`]) in the
+    /// same transaction: one disk flush for a replica's whole batch.
+    pub fn write_with_states(
+        &self,
+        writes: &[DocWrite],
+        states: &[(String, DocumentId, Vec<u8>)],
+    ) -> Result<Vec<u64>, StoreError> {
+        self.commit_all(writes, &[], states)
+    }
+
+    fn commit_all(
+        &self,
+        writes: &[DocWrite],
+        audit: &[AuditEntry],
+        states: &[(String, DocumentId, Vec<u8>)],
+    ) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() && audit.is_empty() && states.is_empty() {
             return Ok(Vec::new());
         }
         let txn = self.db.begin_write()?;
         if !audit.is_empty() {
             append_audit(&txn, audit)?;
+        }
+        if !states.is_empty() {
+            insert_sync_states(&txn, states)?;
         }
         let mut seqs = Vec::with_capacity(writes.len());
         {
@@ -859,12 +895,7 @@ impl Store {
             return Ok(());
         }
         let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(SYNC_STATES)?;
-            for (peer, id, bytes) in states {
-                t.insert((peer.as_str(), *id.as_bytes()), bytes.as_slice())?;
-            }
-        }
+        insert_sync_states(&txn, states)?;
         txn.commit()?;
         Ok(())
     }
@@ -892,6 +923,17 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+fn insert_sync_states(
+    txn: &redb::WriteTransaction,
+    states: &[(String, DocumentId, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let mut t = txn.open_table(SYNC_STATES)?;
+    for (peer, id, bytes) in states {
+        t.insert((peer.as_str(), *id.as_bytes()), bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 /// Drops a document's snapshot and chunks and gives it the next feed sequence, so that

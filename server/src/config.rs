@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub send_buffer_bytes: Option<usize>,
     /// `max-loaded-docs = 20000`
     pub max_loaded_docs: Option<usize>,
+    /// `cache-mib = 64`
+    pub cache_mib: Option<usize>,
     /// `tls-cert = "/etc/relais/cert.pem"`
     pub tls_cert: Option<PathBuf>,
     /// `tls-key = "/etc/relais/key.pem"`
@@ -71,6 +73,8 @@ pub struct ServerConfig {
     pub send_buffer_bytes: usize,
     /// Documents kept in memory.
     pub max_loaded_docs: usize,
+    /// redb's page cache, in MiB.
+    pub cache_mib: usize,
     /// Certificate chain and private key (PEM): serve `https://` and `wss://`.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Upstream server to replicate with.
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
             max_loaded_docs: DEFAULT_MAX_LOADED_DOCS,
+            cache_mib: relais_core::store::DEFAULT_CACHE_BYTES >> 20,
             tls: None,
             upstream: None,
         }

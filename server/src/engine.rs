@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use relais_core::access::Identity;
 use relais_core::audit::{AuditAction, AuditEntry};
-use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, HubStats, Step};
+use relais_core::protocol::hub::{advance_cursor, ConnId, Event, Hub, HubConfig, HubStats, Step};
 use relais_core::store::Store;
 use relais_core::DocumentId;
 use tokio::sync::{mpsc, oneshot};
@@ -152,15 +152,6 @@ impl Engine {
     }
 }
 
-fn merge(into: &mut Step, s: Step) {
-    into.writes.extend(s.writes);
-    into.sends.extend(s.sends);
-    into.closes.extend(s.closes);
-    into.merges += s.merges;
-    into.audit.extend(s.audit);
-    into.events.extend(s.events);
-}
-
 struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     device: String,
@@ -178,7 +169,7 @@ fn erase(
         Ok(Some((tomb, newly))) => {
             if newly {
                 tracing::info!(document = %id, by, "household erased");
-                merge(step, hub.purged(id, &tomb.info, true));
+                step.absorb(hub.purged(id, &tomb.info, true));
             }
             Ok(true)
         }
@@ -200,13 +191,13 @@ fn purge_from_upstream(
     hub: &mut Hub<Arc<Store>>,
     id: DocumentId,
     erased: bool,
-) -> Step {
+) -> (Step, Option<u64>) {
     let info = match store.meta(id) {
         Ok(Some(m)) => m.info,
-        Ok(None) => return Step::default(),
+        Ok(None) => return (Step::default(), None),
         Err(e) => {
             tracing::error!(document = %id, error = %e, "cannot read a document to purge");
-            return Step::default();
+            return (Step::default(), None);
         }
     };
     let done = if erased {
@@ -218,10 +209,11 @@ fn purge_from_upstream(
     };
     if let Err(e) = done {
         tracing::error!(document = %id, error = %e, "cannot purge a document");
-        return Step::default();
+        return (Step::default(), None);
     }
     tracing::info!(document = %id, erased, "purged at the upstream's request");
-    hub.purged(id, &info, erased)
+    let seq = store.meta(id).ok().flatten().map(|m| m.seq);
+    (hub.purged(id, &info, erased), seq)
 }
 
 fn run(
@@ -280,14 +272,11 @@ fn run(
                     );
                     let c = upstream::load_cursors(&store, &url);
                     let remote = Identity::admin("upstream");
-                    merge(
-                        &mut step,
-                        hub.connect_outbound(conn, remote, c.remote, c.local, c.peer),
-                    );
+                    step.absorb(hub.connect_outbound(conn, remote, c.remote, c.local, c.peer));
                     upstream = Some(UpstreamConn { conn, url });
                 }
                 Input::Frame { conn, bytes, at } => {
-                    merge(&mut step, hub.receive(conn, &bytes));
+                    step.absorb(hub.receive(conn, &bytes));
                     arrivals.push(at);
                 }
                 Input::Disconnect { conn } => {
@@ -297,7 +286,7 @@ fn run(
                         upstream = None;
                     }
                 }
-                Input::Reload { id } => merge(&mut step, hub.reload(id)),
+                Input::Reload { id } => step.absorb(hub.reload(id)),
                 Input::CloseDevice { device, reason } => {
                     for conn in hub.connections_of(&device) {
                         step.closes.push((conn, reason.clone()));
@@ -312,8 +301,20 @@ fn run(
                 }
             }
         }
+        // Feed sequences of this round's writes that the upstream already holds (documents
+        // it sent, now identical on both sides, and the purges it asked for).
+        let mut confirmed_upstream = Vec::new();
         if !step.writes.is_empty() || !step.audit.is_empty() {
-            if let Err(e) = store.commit(&step.writes, &step.audit) {
+            let seqs = store.commit(&step.writes, &step.audit);
+            if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
+                confirmed_upstream = seqs
+                    .iter()
+                    .zip(&step.writes)
+                    .filter(|(_, w)| hub.confirmed_by(u.conn, w.id))
+                    .map(|(s, _)| *s)
+                    .collect();
+            }
+            if let Err(e) = seqs {
                 // Nothing of this round was acknowledged: forget it, drop everyone, and let
                 // clients resync from what is durable.
                 tracing::error!(error = %e, "commit failed; closing all connections");
@@ -353,10 +354,26 @@ fn run(
                     }
                 }
                 Event::Purge { id, erased, .. } => {
-                    let s = purge_from_upstream(&store, &mut hub, id, erased);
+                    let (s, seq) = purge_from_upstream(&store, &mut hub, id, erased);
                     step.sends.extend(s.sends);
+                    // The tombstone or `gone` record is the upstream's doing: nothing to
+                    // push back to it.
+                    confirmed_upstream.extend(seq);
                 }
                 _ => {}
+            }
+        }
+        if let (Some(u), false) = (&upstream, confirmed_upstream.is_empty()) {
+            // The hub's cursor at `Synced` is the store's before this round's commit: move
+            // it over what came from upstream in this round, or those documents would count
+            // as not yet confirmed until the next full sync.
+            let mut c = upstream::load_cursors(&store, &u.url);
+            let next = advance_cursor(c.local, &confirmed_upstream);
+            if next > c.local && c.peer.is_some() {
+                c.local = next;
+                if let Err(e) = upstream::save_cursors(&store, &u.url, &c) {
+                    tracing::warn!(error = %e, "could not save upstream cursors");
+                }
             }
         }
         if let (Some(l), Some(u)) = (&link, &upstream) {

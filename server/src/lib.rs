@@ -159,7 +159,8 @@ pub fn router(app: Arc<App>) -> Router {
 /// Opens the store under the configured data directory.
 pub fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<Store>> {
     let path = cfg.store_path();
-    let store = Store::open(&path).with_context(|| format!("opening store {}", path.display()))?;
+    let store = Store::open_with_cache(&path, cfg.cache_mib << 20)
+        .with_context(|| format!("opening store {}", path.display()))?;
     Ok(Arc::new(store))
 }
 
@@ -259,11 +260,18 @@ pub async fn serve(
     let mut stop_wait = stop_rx.clone();
     let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
         None => Box::pin(
-            axum::serve(listener, service)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_wait.wait_for(|s| *s).await;
-                })
-                .into_future(),
+            // Sync frames are small and answered at once: Nagle's algorithm would hold each
+            // reply back until the peer's delayed ACK, some 40 ms a round trip.
+            axum::serve(
+                axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                service,
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop_wait.wait_for(|s| *s).await;
+            })
+            .into_future(),
         ),
         Some(tls) => {
             let handle = axum_server::Handle::new();
@@ -278,6 +286,7 @@ pub async fn serve(
                     std_listener,
                     axum_server::tls_rustls::RustlsConfig::from_config(tls),
                 )
+                .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
                 .handle(handle)
                 .serve(service),
             )

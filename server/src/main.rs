@@ -194,7 +194,8 @@ struct ServeArgs {
     /// Data directory; the store is DIR/relais.redb [default: ./relais-data].
     #[arg(long, env = "RELAIS_DATA")]
     data: Option<PathBuf>,
-    /// TOML file with any of: listen, data, max-frame-bytes, send-buffer-bytes, max-loaded-docs.
+    /// TOML file with any of: listen, data, max-frame-bytes, send-buffer-bytes, max-loaded-docs,
+    /// cache-mib, tls-cert, tls-key, upstream, upstream-token, upstream-ca.
     #[arg(long, env = "RELAIS_CONFIG")]
     config: Option<PathBuf>,
     /// Largest WebSocket message accepted, in bytes [default: 16 MiB].
@@ -206,6 +207,9 @@ struct ServeArgs {
     /// Documents kept in memory before idle ones are evicted [default: 20000].
     #[arg(long, env = "RELAIS_MAX_LOADED_DOCS")]
     max_loaded_docs: Option<usize>,
+    /// Memory for the store's page cache, in MiB [default: 64].
+    #[arg(long, env = "RELAIS_CACHE_MIB")]
+    cache_mib: Option<usize>,
     /// Certificate chain (PEM): serve https:// and wss:// (needs --tls-key).
     #[arg(long, env = "RELAIS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -827,6 +831,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             .max_loaded_docs
             .or(file.max_loaded_docs)
             .unwrap_or(d.max_loaded_docs),
+        cache_mib: args
+            .cache_mib
+            .or(file.cache_mib)
+            .unwrap_or(d.cache_mib)
+            .max(1),
         tls: match (
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),

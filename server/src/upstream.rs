@@ -237,7 +237,8 @@ async fn session(
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes));
     let (ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), false, connector)
+        // `true`: no Nagle delay on small sync frames.
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), true, connector)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(resp) => {

@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use relais_core::access::Identity;
-use relais_core::protocol::hub::{ConnId, Event, Hub, HubConfig, Step};
+use relais_core::protocol::hub::{advance_cursor, ConnId, Event, Hub, HubConfig, Step};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -16,6 +16,9 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use crate::{now_ms, server_key, ClientError, Cursors, Replica, ReplicaEvent, SyncOptions};
 
 const CONN: ConnId = 1;
+
+/// Frames already received that one step (and one commit) may cover.
+const GROUP_FRAMES: usize = 256;
 
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,23 +49,6 @@ pub struct SyncSummary {
 pub(crate) struct Live {
     pub stop: watch::Receiver<bool>,
     pub local_write: Arc<Notify>,
-}
-
-/// The local cursor after committing the step that reported `Synced`: extended over this
-/// commit's own sequence numbers only if nothing else was written in between.
-fn advance(local_cursor: u64, seqs: &[u64]) -> u64 {
-    let mut new: Vec<u64> = seqs.iter().copied().filter(|s| *s > local_cursor).collect();
-    new.sort_unstable();
-    new.dedup();
-    let mut c = local_cursor;
-    for s in new {
-        if s == c + 1 {
-            c = s;
-        } else {
-            break;
-        }
-    }
-    c
 }
 
 fn connect_error(e: tungstenite::Error) -> ClientError {
@@ -119,7 +105,8 @@ pub(crate) async fn run(
         None
     };
     let (ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), false, connector)
+        // `true`: no Nagle delay on small sync frames.
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector)
             .await
             .map_err(connect_error)?;
     let (mut sink, mut stream) = ws.split();
@@ -148,6 +135,8 @@ pub(crate) async fn run(
     let mut recv_docs = HashSet::new();
     let mut local_seen = store.last_seq()?;
     let mut last_progress = Instant::now();
+    // A frame read while gathering a batch that must be handled after it.
+    let mut deferred: Option<WsResult> = None;
     let mut step = hub.connect_outbound(
         CONN,
         Identity::admin("server"),
@@ -187,12 +176,36 @@ pub(crate) async fn run(
             Some(l) => (Some(l.local_write.clone()), Some(l.stop.clone())),
             None => (None, None),
         };
+        if let Some(msg) = deferred.take() {
+            step = next_step(&mut hub, Ok(msg), &mut summary)?;
+            continue;
+        }
         step = tokio::select! {
             msg = tokio::time::timeout(wait, stream.next()) => {
-                if matches!(msg, Ok(Some(Ok(WsMessage::Binary(_))))) {
+                let binary = matches!(msg, Ok(Some(Ok(WsMessage::Binary(_)))));
+                let mut s = next_step(&mut hub, msg, &mut summary)?;
+                if binary {
                     last_progress = Instant::now();
+                    // Group commit: take every frame already received, so that one durable
+                    // commit covers all of them (a fresh tablet receives thousands of
+                    // documents, and a commit per frame would cost a disk flush each).
+                    for _ in 1..GROUP_FRAMES {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(WsMessage::Binary(b)))) => s.absorb(next_step(
+                                &mut hub,
+                                Ok(Some(Ok(WsMessage::Binary(b)))),
+                                &mut summary,
+                            )?),
+                            // A close, an error or a control frame: after this batch.
+                            Some(other) => {
+                                deferred = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                 }
-                next_step(&mut hub, msg, &mut summary)?
+                s
             }
             _ = wait_local(local_write.as_deref(), &store, local_seen) => {
                 tokio::time::sleep(opts.push_delay).await;
@@ -293,8 +306,9 @@ where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
     let store = replica.ledger().store();
-    // Durable before anything is acknowledged to the server.
-    let mut seqs = store.write(&step.writes)?;
+    // Durable before anything is acknowledged to the server; with them, what the server
+    // confirmed holding, so that an interrupted sync does not offer it again.
+    let mut seqs = store.write_with_states(&step.writes, &hub.take_sync_states())?;
     let mut done = false;
     for e in step.events {
         match e {
@@ -328,7 +342,7 @@ where
                 peer,
                 ..
             } => {
-                let local = advance(local_cursor, &seqs);
+                let local = advance_cursor(local_cursor, &seqs);
                 replica.save_cursors(
                     url,
                     &Cursors {
@@ -352,16 +366,22 @@ where
         // written here is waiting before it, so that `pending_documents` counts only local
         // changes while a live session keeps receiving others' work.
         let mut c = replica.cursors(url);
-        let next = advance(c.local, &seqs);
+        let next = advance_cursor(c.local, &seqs);
         if next > c.local {
             c.local = next;
             replica.save_cursors(url, &c)?;
         }
     }
+    let sent = !step.sends.is_empty();
     for (_, frame) in step.sends {
         summary.frames_sent += 1;
         summary.bytes_sent += frame.len() as u64;
-        sink.send(WsMessage::Binary(frame.into()))
+        sink.feed(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+    }
+    if sent {
+        sink.flush()
             .await
             .map_err(|e| ClientError::Network(e.to_string()))?;
     }
@@ -375,25 +395,4 @@ where
     // Let a long sync breathe.
     tokio::task::yield_now().await;
     Ok(done)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::advance;
-
-    #[test]
-    fn cursor_advances_only_over_its_own_contiguous_writes() {
-        assert_eq!(advance(10, &[11, 12, 13]), 13);
-        assert_eq!(
-            advance(10, &[12, 13]),
-            10,
-            "a foreign write at 11 must be pushed later"
-        );
-        assert_eq!(
-            advance(10, &[5, 11]),
-            11,
-            "skipped writes keep their old sequence"
-        );
-        assert_eq!(advance(10, &[]), 10);
-    }
 }

@@ -84,8 +84,8 @@ async fn fifty_sigkills_lose_nothing_acknowledged() {
     }
 }
 
-/// The tablet side: `relais field sync` killed with SIGKILL at random moments until 50
-/// kills landed mid-sync,
+/// The tablet side: `relais field sync` killed with SIGKILL at random moments (aimed within
+/// the time a sync takes here) until 50 kills landed mid-sync,
 /// while it pulls another tablet's households (300, then 20 more each round) and pushes its
 /// own new ones. After every kill the
 /// replica opens and holds every household it registered; then one sync completes, and the
@@ -118,6 +118,9 @@ async fn fifty_sigkills_of_a_tablet_mid_sync_lose_nothing() {
     let (mut completed, mut interrupted, mut partial) = (0, 0, 0);
     let count = |tab: &relais_client::Replica| tab.ledger().store().list().unwrap().len();
     let mut rounds = 0;
+    // Kills land at a random moment before `latest` ms, which follows how long a sync
+    // takes on this machine (a faster sync would otherwise finish before every kill).
+    let mut latest: u64 = 220;
     while interrupted < kills {
         let round = rounds;
         rounds += 1;
@@ -150,17 +153,21 @@ async fn fifty_sigkills_of_a_tablet_mid_sync_lose_nothing() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.random_range(20..220))).await;
+        let delay = rng.random_range(5..latest.max(6));
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         let killed = match child.try_wait().unwrap() {
             Some(status) => {
                 assert!(status.success(), "round {round}: sync failed: {status}");
                 completed += 1;
+                // It finished within `delay`: aim the next kills earlier.
+                latest = delay;
                 false
             }
             None => {
                 child.kill().unwrap();
                 child.wait().unwrap();
                 interrupted += 1;
+                latest = (latest + 10).min(400);
                 true
             }
         };

@@ -52,3 +52,55 @@ fn stock_automerge_repo_client_syncs_through_relais() {
     );
     assert!(server.stop().success());
 }
+
+/// The side-by-side comparison (`tests/js/compare.sh`) keeps working: a tiny workload
+/// against `relais serve` and the reference sync server. Checks what was measured, never
+/// timings (those belong in BENCHMARKS.md).
+#[test]
+fn the_side_by_side_comparison_runs_against_both_servers() {
+    ensure_packages();
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("compare.json");
+    let out = Command::new("bash")
+        .arg(js_dir().join("compare.sh"))
+        .env("WRITERS", "2")
+        .env("DOCS", "20")
+        .env("CHANGES", "2")
+        .env("TIMEOUT_SCALE", "4")
+        .env("RELAIS_BIN", relais_bin())
+        .env("OUT", &out_file)
+        .output()
+        .expect("run compare.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "compare.sh failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_file).expect("compare.sh wrote OUT"))
+            .expect("JSON report");
+    for server in ["relais", "reference"] {
+        let r = &report[server];
+        assert_eq!(r["documents"], 20, "{server}: {r}");
+        for key in [
+            "changes_per_second",
+            "fresh_fetch_seconds",
+            "server_peak_rss_kb",
+        ] {
+            assert!(
+                r[key].as_f64().is_some_and(|v| v > 0.0),
+                "{server}.{key}: {r}"
+            );
+        }
+        // The fresh client received every document.
+        assert!(
+            r["fresh_messages_received"].as_u64() >= Some(20),
+            "{server}: {r}"
+        );
+    }
+    assert!(
+        report["ratios"]["server_peak_rss"].as_f64().is_some(),
+        "{report}"
+    );
+}

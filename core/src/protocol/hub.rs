@@ -170,6 +170,18 @@ pub enum Event {
 }
 
 impl Step {
+    /// Appends a later step to this one, so that an adapter can handle several inputs with
+    /// one commit (group commit): the writes of both are committed before any frame of
+    /// either is sent.
+    pub fn absorb(&mut self, later: Step) {
+        self.writes.extend(later.writes);
+        self.sends.extend(later.sends);
+        self.closes.extend(later.closes);
+        self.merges += later.merges;
+        self.audit.extend(later.audit);
+        self.events.extend(later.events);
+    }
+
     fn send(&mut self, conn: ConnId, msg: &Message) {
         self.sends.push((conn, msg.encode()));
     }
@@ -214,11 +226,55 @@ struct Outbound {
     /// Documents still being synced.
     awaiting: HashSet<DocumentId>,
     /// Documents waiting for a place in the window.
-    queued: VecDeque<DocumentId>,
+    queued: Queue,
     /// `Synced` was reported and nothing happened since.
     quiet: bool,
     /// Peer id the cursors belong to.
     expected_peer: Option<String>,
+}
+
+/// Documents waiting for a place in an outbound window, in order, each once. Removal is
+/// lazy, so that finishing or purging one of thousands of queued documents costs O(1).
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<DocumentId>,
+    members: HashSet<DocumentId>,
+}
+
+impl Queue {
+    fn push_back(&mut self, id: DocumentId) {
+        if self.members.insert(id) {
+            self.order.push_back(id);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<DocumentId> {
+        while let Some(id) = self.order.pop_front() {
+            if self.members.remove(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn remove(&mut self, id: DocumentId) {
+        self.members.remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = DocumentId> + '_ {
+        self.order
+            .iter()
+            .copied()
+            .filter(|id| self.members.contains(id))
+    }
 }
 
 struct Conn {
@@ -273,8 +329,9 @@ pub struct Hub<S: HubStore> {
     clock: u64,
     ephemeral_seen: HashSet<(String, String, u64)>,
     ephemeral_order: VecDeque<(String, String, u64)>,
-    /// Documents whose next outbound sync pushes every change in its first message.
-    optimistic: HashSet<(ConnId, DocumentId)>,
+    /// Documents whose next outbound sync pushes its changes in the first message, with the
+    /// heads the remote is assumed to hold (none: every change goes).
+    optimistic: HashMap<(ConnId, DocumentId), Vec<ChangeHash>>,
     /// Sync states to save for peers that keep their own storage.
     saved_states: Vec<(String, DocumentId, Vec<u8>)>,
 }
@@ -294,6 +351,28 @@ pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
 /// grow automerge's queue.
 pub const MAX_UNAPPLIED: u32 = 64;
 
+/// A replica's local cursor (see [`Event::Synced`]) moved over the feed sequences of
+/// writes the remote is known to hold: only over an unbroken run from `cursor + 1`, since a
+/// sequence left out is a write the remote may still lack.
+pub fn advance_cursor(cursor: u64, confirmed: &[u64]) -> u64 {
+    let mut new: Vec<u64> = confirmed.iter().copied().filter(|s| *s > cursor).collect();
+    new.sort_unstable();
+    new.dedup();
+    let mut c = cursor;
+    for s in new {
+        if s == c + 1 {
+            c = s;
+        } else {
+            break;
+        }
+    }
+    c
+}
+
+/// Prefix of the key under which an outbound connection's confirmed heads are saved,
+/// followed by the remote's peer id.
+const UPSTREAM_KEY: &str = "upstream\u{1f}";
+
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
 
@@ -310,7 +389,7 @@ impl<S: HubStore> Hub<S> {
             clock: 0,
             ephemeral_seen: HashSet::new(),
             ephemeral_order: VecDeque::new(),
-            optimistic: HashSet::new(),
+            optimistic: HashMap::new(),
             saved_states: Vec::new(),
         }
     }
@@ -540,6 +619,12 @@ impl<S: HubStore> Hub<S> {
                         o.local_cursor = 0;
                     }
                 }
+                if ext {
+                    // What this server confirmed holding, per document, is remembered under
+                    // its peer id: the next session pushes only what it lacks, in the first
+                    // message, and skips what it already has.
+                    c.state_key = Some(format!("{UPSTREAM_KEY}{sender_id}"));
+                }
                 c.peer_id = sender_id;
                 c.ext = ext;
                 step.events.push(Event::Connected {
@@ -703,12 +788,25 @@ impl<S: HubStore> Hub<S> {
                 }
                 let absent = e.meta.info.erased || e.meta.gone;
                 if !absent && self.conns[&conn].identity.can_read(&e.meta.info) {
-                    // A stock server may not answer a first message that only announces heads
-                    // for a document it lacks (the reference server with its default share
-                    // policy does not), so documents written since the last sync with it go
-                    // out with their changes at once.
-                    if !ext && e.seq > local_cursor {
-                        self.optimistic.insert((conn, e.id));
+                    if ext {
+                        let confirmed = self.confirmed_heads(conn, e.id);
+                        let mut heads = e.meta.change_hashes();
+                        heads.sort();
+                        if confirmed.as_ref() == Some(&heads) {
+                            // The server confirmed this very version (in a session that
+                            // ended before it could report `Synced`): nothing to offer.
+                            continue;
+                        }
+                        // Push what the server lacks in the first message: everything it
+                        // did not confirm, so one round trip per document.
+                        self.optimistic
+                            .insert((conn, e.id), confirmed.unwrap_or_default());
+                    } else if e.seq > local_cursor {
+                        // A stock server may not answer a first message that only announces
+                        // heads for a document it lacks (the reference server with its
+                        // default share policy does not), so documents written since the
+                        // last sync with it go out with their changes at once.
+                        self.optimistic.insert((conn, e.id), Vec::new());
                     }
                     self.start_sync(conn, e.id, step);
                 }
@@ -747,9 +845,7 @@ impl<S: HubStore> Hub<S> {
         if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
             o.quiet = false;
             if !o.awaiting.contains(&id) && o.awaiting.len() >= OUTBOUND_WINDOW {
-                if !o.queued.contains(&id) {
-                    o.queued.push_back(id);
-                }
+                o.queued.push_back(id);
                 return;
             }
         }
@@ -772,21 +868,33 @@ impl<S: HubStore> Hub<S> {
             o.quiet = false;
             o.pushed_since_listing = true;
         }
-        // A fresh exchange: whatever was in flight before is recovered by the bloom filters.
-        let optimistic = self.optimistic.remove(&(conn, id));
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.syncs.remove(&id);
-            if optimistic {
-                let mut st = sync::State::new();
-                // Assume the remote has nothing: the first message carries every change.
-                st.their_heads = Some(Vec::new());
+        let assumed = self.optimistic.remove(&(conn, id));
+        // An exchange already under way in this session goes on: starting afresh on this
+        // side only would leave the remote answering nothing (it has replied already, and
+        // automerge does not reply twice to the same heads).
+        let under_way = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.syncs.contains_key(&id));
+        if let (Some(heads), false) = (assumed, under_way) {
+            self.ensure_state(conn, id, true);
+            if let Some(st) = self.conns.get_mut(&conn).and_then(|c| c.syncs.get_mut(&id)) {
+                // Assume the remote holds exactly `heads`: the first message then carries
+                // every change after them. Were the assumption wrong, the remote's reply
+                // says what it lacks, as after any bloom-filter miss.
+                st.their_heads = Some(heads.clone());
                 st.their_need = Some(Vec::new());
-                st.their_have = Some(vec![sync::Have::default()]);
-                c.syncs.insert(id, st);
+                st.their_have = Some(vec![sync::Have {
+                    last_sync: heads,
+                    bloom: Default::default(),
+                }]);
             }
         }
         self.subscribe(conn, id);
         self.reply(conn, id, step);
+        if under_way {
+            self.maybe_done(conn, id, step);
+        }
     }
 
     fn changes(&mut self, conn: ConnId, listing: Listing, step: &mut Step) {
@@ -806,7 +914,7 @@ impl<S: HubStore> Hub<S> {
                 }
                 if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                     o.awaiting.remove(&id);
-                    o.queued.retain(|q| *q != id);
+                    o.queued.remove(id);
                 }
                 step.events.push(Event::Purge { conn, id, erased });
             }
@@ -827,6 +935,10 @@ impl<S: HubStore> Hub<S> {
             };
             mine.sort();
             if mine != theirs {
+                if let Some(st) = self.conns.get_mut(&conn).and_then(|c| c.syncs.get_mut(&id)) {
+                    // The listing is the server's word on its heads now.
+                    st.their_heads = Some(theirs);
+                }
                 self.start_sync(conn, id, step);
             }
         }
@@ -926,11 +1038,19 @@ impl<S: HubStore> Hub<S> {
         if c.syncs.contains_key(&id) {
             return;
         }
+        let doc = self.docs.get(&id).map(|d| &d.doc);
         let saved = c
             .state_key
             .as_deref()
             .and_then(|k| self.store.sync_state(k, id))
-            .and_then(|b| sync::State::decode(&b).ok());
+            .and_then(|b| sync::State::decode(&b).ok())
+            // Heads this replica no longer holds (a document purged, then back in scope)
+            // would make automerge build a bloom filter from changes it lacks.
+            .filter(|st| {
+                st.shared_heads
+                    .iter()
+                    .all(|h| doc.is_some_and(|d| d.get_change_by_hash(h).is_some()))
+            });
         let mut state = saved.unwrap_or_default();
         state.set_read_only(!can_write);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1190,10 +1310,47 @@ impl<S: HubStore> Hub<S> {
             }
         }
         self.subscribe(conn, id);
-        // Done once the remote reported our exact heads, even if an acknowledgement
-        // goes out: it carries no change the remote lacks.
+        // Done once the remote reported our exact heads.
         self.reply(conn, id, step);
         self.maybe_done(conn, id, step);
+    }
+
+    /// The remote of outbound connection `conn` reported holding exactly this replica's
+    /// heads of `id`: a write of it is confirmed there (see [`advance_cursor`]).
+    pub fn confirmed_by(&self, conn: ConnId, id: DocumentId) -> bool {
+        self.in_step(conn, id)
+    }
+
+    /// An outbound connection's remote reported exactly this replica's heads of `id`.
+    fn in_step(&self, conn: ConnId, id: DocumentId) -> bool {
+        let (Some(c), Some(entry)) = (self.conns.get(&conn), self.docs.get(&id)) else {
+            return false;
+        };
+        if c.outbound.is_none() {
+            return false;
+        }
+        let mut mine = entry.doc.get_heads();
+        if mine.is_empty() {
+            return false;
+        }
+        mine.sort();
+        c.syncs
+            .get(&id)
+            .and_then(|s| s.their_heads.clone())
+            .is_some_and(|mut h| {
+                h.sort();
+                h == mine
+            })
+    }
+
+    /// The heads of `id` that the remote of an outbound connection confirmed holding in an
+    /// earlier session, sorted.
+    fn confirmed_heads(&self, conn: ConnId, id: DocumentId) -> Option<Vec<ChangeHash>> {
+        let key = self.conns.get(&conn)?.state_key.as_deref()?;
+        let st = sync::State::decode(&self.store.sync_state(key, id)?).ok()?;
+        let mut heads = st.shared_heads;
+        heads.sort();
+        Some(heads)
     }
 
     /// On an outbound connection, a document is done when the server reported our heads
@@ -1223,6 +1380,11 @@ impl<S: HubStore> Hub<S> {
                 // Nothing on either side: drop the placeholder.
                 self.docs.remove(&id);
                 self.unsubscribe(conn, id);
+            } else if let Some(key) = &c.state_key {
+                // The remote holds these heads: a later session need not offer them again.
+                let mut st = sync::State::new();
+                st.shared_heads = mine;
+                self.saved_states.push((key.clone(), id, st.encode()));
             }
             self.finish_doc(conn, id, step);
         }
@@ -1234,7 +1396,7 @@ impl<S: HubStore> Hub<S> {
         let mut next = Vec::new();
         if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
             o.awaiting.remove(&id);
-            o.queued.retain(|q| *q != id);
+            o.queued.remove(id);
             while o.awaiting.len() + next.len() < OUTBOUND_WINDOW {
                 match o.queued.pop_front() {
                     Some(n) => next.push(n),
@@ -1262,6 +1424,12 @@ impl<S: HubStore> Hub<S> {
         let (Some(entry), Some(c)) = (self.docs.get(&id), self.conns.get(&conn)) else {
             return false;
         };
+        if self.in_step(conn, id) {
+            // On an outbound connection, a remote that reported our exact heads needs
+            // nothing: the acknowledgement automerge would send carries no change, and
+            // leaving it out saves a frame per document (a fresh tablet receives thousands).
+            return false;
+        }
         let can_write = c.outbound.is_some() || c.identity.can_write(&entry.info);
         self.ensure_state(conn, id, can_write);
         let entry = &self.docs[&id];
@@ -1433,7 +1601,7 @@ impl<S: HubStore> Hub<S> {
             self.unsubscribe(conn, id);
             if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                 o.awaiting.remove(&id);
-                o.queued.retain(|q| *q != id);
+                o.queued.remove(id);
             }
         }
         self.subs.remove(&id);
@@ -1561,14 +1729,19 @@ impl<S: HubStore> Hub<S> {
                     // Left this server's scope: whoever could read it here may hold a copy.
                     purge.push(e.id.to_string());
                 } else {
+                    // The loaded document may be ahead of the store: a change that came in
+                    // this same round is committed only after this step, before the listing
+                    // goes out. Stale heads here would make the device sync again a document
+                    // it has just pushed, while the server thinks that exchange is over.
+                    let heads = self
+                        .docs
+                        .get(&e.id)
+                        .map(|d| d.doc.get_heads())
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or_else(|| e.meta.change_hashes());
                     docs.push(FeedDoc {
                         document_id: e.id.to_string(),
-                        heads: e
-                            .meta
-                            .change_hashes()
-                            .iter()
-                            .map(|h| h.0.to_vec())
-                            .collect(),
+                        heads: heads.iter().map(|h| h.0.to_vec()).collect(),
                     });
                 }
                 if docs.len() + purge.len() >= self.cfg.feed_page {
@@ -1647,7 +1820,7 @@ impl<S: HubStore> Hub<S> {
             .conns
             .values()
             .filter_map(|c| c.outbound.as_ref())
-            .flat_map(|o| o.awaiting.iter().chain(o.queued.iter()).copied())
+            .flat_map(|o| o.awaiting.iter().copied().chain(o.queued.iter()))
             .collect();
         let mut by_age: Vec<(u64, DocumentId)> = self
             .docs
@@ -1669,5 +1842,26 @@ impl<S: HubStore> Hub<S> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance_cursor;
+
+    #[test]
+    fn cursor_advances_only_over_contiguous_confirmed_writes() {
+        assert_eq!(advance_cursor(10, &[11, 12, 13]), 13);
+        assert_eq!(
+            advance_cursor(10, &[12, 13]),
+            10,
+            "a foreign write at 11 must be pushed later"
+        );
+        assert_eq!(
+            advance_cursor(10, &[5, 11]),
+            11,
+            "skipped writes keep their old sequence"
+        );
+        assert_eq!(advance_cursor(10, &[]), 10);
     }
 }
