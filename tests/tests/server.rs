@@ -389,7 +389,11 @@ async fn joined(url: &str, token: &str) -> WsStream {
 async fn config_file_is_honoured_and_a_bad_one_is_refused_clearly() {
     let (dir, data, token) = seeded_data_dir();
     let cfg = dir.path().join("relais.toml");
-    std::fs::write(&cfg, "max-frame-bytes = 2000\nmax-loaded-docs = 100\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "max-frame-bytes = 2000\nmax-loaded-docs = 100\ncache-mib = 8\n",
+    )
+    .unwrap();
     let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
     let mut ws = joined(&server.url(), &token).await;
     let _ = ws.send(Ws::Binary(vec![0u8; 3_000].into())).await;

@@ -1316,13 +1316,9 @@ impl<S: HubStore> Hub<S> {
     }
 
     /// The remote of outbound connection `conn` reported holding exactly this replica's
-    /// heads of `id`: a write of it is confirmed there (see [`advance_cursor`]).
+    /// heads of `id`: a write of it is confirmed there (see [`advance_cursor`]), and there
+    /// is nothing to tell it.
     pub fn confirmed_by(&self, conn: ConnId, id: DocumentId) -> bool {
-        self.in_step(conn, id)
-    }
-
-    /// An outbound connection's remote reported exactly this replica's heads of `id`.
-    fn in_step(&self, conn: ConnId, id: DocumentId) -> bool {
         let (Some(c), Some(entry)) = (self.conns.get(&conn), self.docs.get(&id)) else {
             return false;
         };
@@ -1424,7 +1420,7 @@ impl<S: HubStore> Hub<S> {
         let (Some(entry), Some(c)) = (self.docs.get(&id), self.conns.get(&conn)) else {
             return false;
         };
-        if self.in_step(conn, id) {
+        if self.confirmed_by(conn, id) {
             // On an outbound connection, a remote that reported our exact heads needs
             // nothing: the acknowledgement automerge would send carries no change, and
             // leaving it out saves a frame per document (a fresh tablet receives thousands).
