@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use automerge::sync::SyncDoc;
 use proptest::prelude::*;
 use relais_core::protocol::fuzzing::{decode_message, hub_session};
-use relais_core::protocol::message::{DocMessage, Message, PeerMetadata};
+use relais_core::protocol::message::{BatchDoc, DocMessage, Message, PeerMetadata};
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,6 +51,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
         .generate_sync_message(&mut automerge::sync::State::new())
         .unwrap()
         .encode();
+    let empty_request = empty.clone();
     let mut doc = automerge::Automerge::new();
     doc.transact::<_, _, automerge::AutomergeError>(|tx| {
         use automerge::transaction::Transactable;
@@ -81,7 +82,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
         }
         .encode(),
         Message::Request(dm(empty.clone())).encode(),
-        Message::Sync(dm(full)).encode(),
+        Message::Sync(dm(full.clone())).encode(),
         Message::Sync(dm(empty)).encode(),
         Message::ChangesSince {
             sender_id: "p".into(),
@@ -100,8 +101,25 @@ fn valid_frames() -> Vec<Vec<u8>> {
             target_id: "s".into(),
             count: 1,
             session_id: "x".into(),
-            document_id: id,
+            document_id: id.clone(),
             data: vec![1, 2, 3],
+        }
+        .encode(),
+        Message::SyncBatch {
+            sender_id: "p".into(),
+            target_id: "s".into(),
+            docs: vec![
+                BatchDoc {
+                    document_id: id.parse().unwrap(),
+                    data: full,
+                    request: false,
+                },
+                BatchDoc {
+                    document_id: relais_core::DocumentId::random(),
+                    data: empty_request,
+                    request: true,
+                },
+            ],
         }
         .encode(),
     ]
@@ -127,7 +145,7 @@ proptest! {
 
     #[test]
     fn damaged_valid_sessions_never_panic(
-        picks in proptest::collection::vec(0usize..7, 1..12),
+        picks in proptest::collection::vec(0usize..8, 1..12),
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<usize>()),
     ) {
@@ -182,6 +200,11 @@ fn write_seed_corpus() {
     .unwrap();
     std::fs::write(hs.join("no-join"), session(&frames[1..3])).unwrap();
     std::fs::write(hs.join("all"), session(&frames)).unwrap();
+    std::fs::write(
+        hs.join("join-batch"),
+        session(&[frames[0].clone(), frames[7].clone()]),
+    )
+    .unwrap();
     std::fs::write(
         hs.join("twice"),
         session(&[frames.clone(), frames.clone()].concat()),

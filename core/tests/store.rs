@@ -135,6 +135,7 @@ fn corrupt_bytes_are_an_error_and_the_store_stays_usable() {
             base_heads: vec![],
             data: bad.clone(),
             heads: vec![],
+            verified: false,
         };
         assert!(l.store().write(&[w]).is_err());
     }

@@ -384,10 +384,16 @@ fn a_household_moving_out_of_scope_is_purged_from_a_live_relais_client_only() {
             data: empty.clone(),
         });
         let step = hub.receive(conn, &req.encode());
-        assert!(matches!(
-            Message::decode(&step.sends[0].1).unwrap(),
-            Message::Sync(_)
-        ));
+        // The Relais client gets it in a batch, the stock client as a plain `sync`.
+        match Message::decode(&step.sends[0].1).unwrap() {
+            Message::SyncBatch { docs, .. } => {
+                assert_eq!(conn, 1);
+                assert_eq!(docs.len(), 1);
+                assert_eq!(docs[0].document_id, h);
+            }
+            Message::Sync(_) => assert_eq!(conn, 2),
+            other => panic!("unexpected {other:?}"),
+        }
     }
     // The office moves it to Gao.
     office
@@ -782,10 +788,12 @@ fn a_push_takes_one_round_trip_and_an_interrupted_one_offers_nothing_twice() {
     for id in &ids {
         assert!(office.household(*id).is_ok());
     }
-    // join, peer, a listing and its reply, and per household its changes and the server's
-    // acknowledgement. Announcing first (the plain automerge exchange) would cost two more
-    // frames per household.
-    assert_eq!(link.frames, 4 + 2 * n, "frames for {n} new households");
+    // join, peer, a listing and its reply, then every household's changes in one
+    // `relais-sync-batch` and the server's acknowledgements in another. Announcing first
+    // (the plain automerge exchange) would cost two more frames per household, and plain
+    // `sync` messages one frame per household each way.
+    assert!(n > 1);
+    assert_eq!(link.frames, 6, "frames for {n} new households");
 
     // The same session again with the old cursors, as after a link that dropped just
     // before `Synced` was saved: the server confirmed every household, so none is offered.
@@ -822,7 +830,7 @@ fn a_push_takes_one_round_trip_and_an_interrupted_one_offers_nothing_twice() {
 }
 
 #[test]
-fn a_fresh_tablet_receives_each_document_in_two_frames() {
+fn a_fresh_tablet_receives_its_documents_in_batches() {
     let dir = tempfile::tempdir().unwrap();
     let office = ledger(dir.path(), "office");
     seed(&office);
@@ -840,10 +848,11 @@ fn a_fresh_tablet_receives_each_document_in_two_frames() {
     assert!(link.synced().is_some(), "{:?}", link.closed);
     let docs = tab.store().len().unwrap() as usize;
     assert_eq!(docs, office.store().len().unwrap() as usize);
-    // join, peer, the listing and its reply; a request and its answer per document (the
+    // join, peer, the listing and its reply; one batch of requests and one of answers (the
     // tablet does not acknowledge what made it identical to the server); and one more
     // listing, which moves the cursor past anything the tablet sent meanwhile.
-    assert_eq!(link.frames, 6 + 2 * docs);
+    assert!(docs > 1 && docs <= relais_core::protocol::hub::OUTBOUND_WINDOW);
+    assert_eq!(link.frames, 8);
 }
 
 #[test]
@@ -911,4 +920,73 @@ fn from_menaka(tab: &Ledger, id: relais_core::DocumentId) {
         ..Default::default()
     };
     tab.update(id, &update).unwrap();
+}
+
+#[test]
+fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::message::{BatchDoc, PeerMetadata, PROTOCOL_RELAIS};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let tab = ledger(dir.path(), "tab");
+    seed(&tab);
+    let ids: Vec<_> = NAMES[..3]
+        .iter()
+        .map(|n| tab.register(new_household("SOC-01", n)).unwrap())
+        .collect();
+    // What a tablet pushes: all of a household's changes in its first message.
+    let push = |id| {
+        let doc = tab.store().load(id).unwrap().unwrap().doc;
+        let mut st = automerge::sync::State::new();
+        st.their_heads = Some(vec![]);
+        st.their_need = Some(vec![]);
+        st.their_have = Some(vec![automerge::sync::Have {
+            last_sync: vec![],
+            bloom: Default::default(),
+        }]);
+        BatchDoc {
+            document_id: id,
+            data: doc.generate_sync_message(&mut st).unwrap().encode(),
+            request: false,
+        }
+    };
+    let batch = Message::SyncBatch {
+        sender_id: "tab".into(),
+        target_id: "s".into(),
+        docs: vec![
+            push(ids[0]),
+            BatchDoc {
+                data: vec![0x42, 0xff, 0x00],
+                ..push(ids[1])
+            },
+            push(ids[2]),
+        ],
+    };
+    let mut hub = Hub::new(HubConfig::default(), office.store_arc());
+    for (conn, versions) in [
+        (1u64, vec!["1".to_string()]),
+        (2, vec!["1".to_string(), PROTOCOL_RELAIS.to_string()]),
+    ] {
+        hub.connect(conn, Identity::admin(format!("tab-{conn}")));
+        let join = Message::Join {
+            sender_id: format!("p{conn}"),
+            supported_protocol_versions: versions,
+            peer_metadata: PeerMetadata::default(),
+        };
+        hub.receive(conn, &join.encode());
+        let step = hub.receive(conn, &batch.encode());
+        assert_eq!(step.closes.len(), 1, "conn {conn}: {:?}", step.closes);
+        let reason = &step.closes[0].1;
+        if conn == 1 {
+            assert!(reason.contains("needs protocol relais-1"), "{reason}");
+            assert!(step.writes.is_empty());
+        } else {
+            // The first household is taken; the undecodable second ends the connection
+            // before the third is looked at.
+            assert!(reason.contains(&ids[1].to_string()), "{reason}");
+            let written: Vec<_> = step.writes.iter().map(|w| w.id).collect();
+            assert_eq!(written, [ids[0]]);
+        }
+    }
 }

@@ -87,6 +87,8 @@ pub struct Report {
     pub initial_sync: Phase,
     /// That tablet reconnecting with nothing new.
     pub reconnect: Phase,
+    /// A tablet holding every document on the server reconnecting with nothing new.
+    pub reconnect_all: Phase,
     /// Server peak resident memory, MB.
     pub server_peak_rss_mb: f64,
     /// Server CPU time (user + system), seconds.
@@ -364,6 +366,13 @@ fn print_table(r: &Report) {
         r.reconnect.documents, r.reconnect.ms, r.reconnect.frames, r.reconnect.bytes
     );
     println!(
+        "| reconnect with nothing new, {} documents | {} ms, {} frames, {} bytes |",
+        r.reconnect_all.documents,
+        r.reconnect_all.ms,
+        r.reconnect_all.frames,
+        r.reconnect_all.bytes
+    );
+    println!(
         "| server peak RSS / CPU | {:.1} MB / {:.1} s |",
         r.server_peak_rss_mb, r.server_cpu_seconds
     );
@@ -396,7 +405,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     // poor-link tablet and its clean-link twin each have a site of their own too.
     let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
     codes.extend(["BEN-02", "BEN-2G", "BEN-LAN"].map(String::from));
-    let (token, tablet_tokens, edge_token, lan_token) = {
+    let (token, tablet_tokens, edge_token, lan_token, site_token) = {
         let ledger = reference_store(&data, &codes, &["nfi-kit:1"])?;
         let per_tablet = (0..args.tablets)
             .map(|t| {
@@ -412,6 +421,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             per_tablet,
             enumerator_token(&ledger, "bench-BEN-2G", Some("BEN-2G"))?,
             enumerator_token(&ledger, "bench-BEN-LAN", Some("BEN-LAN"))?,
+            enumerator_token(&ledger, "bench-BEN-02", Some("BEN-02"))?,
         )
     };
     let server = start_server(&data)?;
@@ -514,11 +524,16 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     bg_b.stop().await;
     lat.sort_by(f64::total_cmp);
 
-    // 4. A fresh tablet downloads everything, then reconnects with nothing new.
+    // 4. A fresh tablet of the seeded site downloads it (its households, the site and the
+    // campaign), then reconnects with nothing new; then one holding every document does.
     let fresh = Replica::open(root.join("fresh"), writer("fresh"))?;
-    let first = fresh.sync(&url, &token).await?;
+    let first = fresh.sync(&url, &site_token).await?;
     let docs = fresh.ledger().store().len()? as usize;
-    let again = fresh.sync(&url, &token).await?;
+    let again = fresh.sync(&url, &site_token).await?;
+    let whole = Replica::open(root.join("whole"), writer("whole"))?;
+    whole.sync(&url, &token).await?;
+    let whole_docs = whole.ledger().store().len()? as usize;
+    let whole_again = whole.sync(&url, &token).await?;
     let (rss, cpu) = usage(pid);
 
     // 5. Poor link: the same registrations on a clean link, then over 2G with drops.
@@ -561,6 +576,12 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             ms: again.elapsed_ms,
             frames: again.frames_sent + again.frames_received,
             bytes: again.bytes_sent + again.bytes_received,
+        },
+        reconnect_all: Phase {
+            documents: whole_docs,
+            ms: whole_again.elapsed_ms,
+            frames: whole_again.frames_sent + whole_again.frames_received,
+            bytes: whole_again.bytes_sent + whole_again.bytes_received,
         },
         server_peak_rss_mb: rss,
         server_cpu_seconds: cpu,

@@ -200,6 +200,35 @@ pub struct DocMessage {
     pub data: Vec<u8>,
 }
 
+/// One document's message in a `relais-sync-batch`: on the wire `[id, data]`, or
+/// `[id, data, true]` for a `request`, with the id as its 16 raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchDoc {
+    /// The document.
+    pub document_id: crate::DocumentId,
+    /// An encoded `automerge::sync::Message`.
+    pub data: Vec<u8>,
+    /// The sender does not have the document (a `request`, which may be answered
+    /// `doc-unavailable`).
+    pub request: bool,
+}
+
+impl BatchDoc {
+    /// Appends this item to an encoder (an element of the `docs` array).
+    pub fn write(
+        &self,
+        e: &mut Encoder<Vec<u8>>,
+    ) -> Result<(), minicbor::encode::Error<std::convert::Infallible>> {
+        e.array(if self.request { 3 } else { 2 })?
+            .bytes(self.document_id.as_bytes())?
+            .bytes(&self.data)?;
+        if self.request {
+            e.bool(true)?;
+        }
+        Ok(())
+    }
+}
+
 /// One document in a `relais-changes` reply: its id and heads on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedDoc {
@@ -280,6 +309,16 @@ pub enum Message {
     RemoteHeadsChanged {
         /// Sender.
         sender_id: String,
+    },
+    /// Extension, either way: the `sync` and `request` messages of several documents in one
+    /// frame, without the envelope each would repeat (type, sender, target, text id).
+    SyncBatch {
+        /// Sender.
+        sender_id: String,
+        /// Recipient.
+        target_id: String,
+        /// The documents' messages, in order.
+        docs: Vec<BatchDoc>,
     },
     /// Extension, client → server: which documents changed after feed sequence `since`?
     ChangesSince {
@@ -468,6 +507,38 @@ impl Message {
             "remote-heads-changed" => Message::RemoteHeadsChanged {
                 sender_id: f.text_or_empty("senderId")?,
             },
+            "relais-sync-batch" => {
+                let Some(Value::Array(items)) = f.get("docs") else {
+                    return Err(f.wrong("docs"));
+                };
+                let docs = items
+                    .iter()
+                    .map(|item| match item {
+                        Value::Array(v) => match v.as_slice() {
+                            [Value::Bytes(id), Value::Bytes(data), rest @ ..] => {
+                                let request = match rest {
+                                    [] => false,
+                                    [Value::Bool(b)] => *b,
+                                    _ => return Err(f.wrong("docs")),
+                                };
+                                Ok(BatchDoc {
+                                    document_id: crate::DocumentId::from_slice(id)
+                                        .map_err(|_| f.wrong("docs"))?,
+                                    data: data.clone(),
+                                    request,
+                                })
+                            }
+                            _ => Err(f.wrong("docs")),
+                        },
+                        _ => Err(f.wrong("docs")),
+                    })
+                    .collect::<Result<_, _>>()?;
+                Message::SyncBatch {
+                    sender_id: f.text_or_empty("senderId")?,
+                    target_id: f.text_or_empty("targetId")?,
+                    docs,
+                }
+            }
             "relais-changes-since" => Message::ChangesSince {
                 sender_id: f.text_or_empty("senderId")?,
                 target_id: f.text_or_empty("targetId")?,
@@ -623,6 +694,19 @@ impl Message {
                 e.map(2)?.str("type")?.str("remote-heads-changed")?;
                 e.str("senderId")?.str(sender_id)?;
             }
+            Message::SyncBatch {
+                sender_id,
+                target_id,
+                docs,
+            } => {
+                e.map(4)?.str("type")?.str("relais-sync-batch")?;
+                e.str("senderId")?.str(sender_id)?;
+                e.str("targetId")?.str(target_id)?;
+                e.str("docs")?.array(docs.len() as u64)?;
+                for d in docs {
+                    d.write(e)?;
+                }
+            }
             Message::ChangesSince {
                 sender_id,
                 target_id,
@@ -684,6 +768,7 @@ impl Message {
             Message::Error { .. } => "error",
             Message::RemoteSubscriptionChange { .. } => "remote-subscription-change",
             Message::RemoteHeadsChanged { .. } => "remote-heads-changed",
+            Message::SyncBatch { .. } => "relais-sync-batch",
             Message::ChangesSince { .. } => "relais-changes-since",
             Message::Changes { .. } => "relais-changes",
         }
@@ -741,6 +826,22 @@ mod tests {
                 sender_id: "s".into(),
                 target_id: "t".into(),
                 since: 42,
+            },
+            Message::SyncBatch {
+                sender_id: "s".into(),
+                target_id: "t".into(),
+                docs: vec![
+                    BatchDoc {
+                        document_id: crate::DocumentId::from_bytes([3; 16]),
+                        data: vec![0x42, 9],
+                        request: false,
+                    },
+                    BatchDoc {
+                        document_id: crate::DocumentId::from_bytes([4; 16]),
+                        data: vec![0x42],
+                        request: true,
+                    },
+                ],
             },
             Message::Changes {
                 sender_id: "s".into(),
