@@ -33,6 +33,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use automerge::{Automerge, ChangeHash};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -96,6 +97,10 @@ pub enum StoreError {
         /// What went wrong.
         reason: String,
     },
+    /// A write failed earlier (a full disk) and the file could not be opened again yet; see
+    /// [`Store::reopen`].
+    #[error("the store is closed after a storage failure (is the disk full?); retry later")]
+    Closed,
     /// The directory for the store could not be created.
     #[error("cannot create {path}: {source}")]
     Io {
@@ -239,8 +244,22 @@ pub struct FeedEntry {
 
 /// The durable store of one replica. See the [module docs](self).
 pub struct Store {
-    db: Database,
+    /// `None` only between a failed [`Store::reopen`] and the next.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    cache_bytes: usize,
+}
+
+/// The open database, borrowed from a [`Store`] (see [`Store::database`]).
+pub struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0
+            .as_ref()
+            .expect("a guard is only made over an open database")
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -309,6 +328,30 @@ fn decode_meta(id: DocumentId, bytes: &[u8]) -> Result<DocMeta, StoreError> {
 /// soak), and a tablet has no such memory to spare.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let db = match redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+    {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(StoreError::Locked(path.to_path_buf()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let txn = db.begin_write()?;
+    txn.open_table(DOCS)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(CHUNKS)?;
+    txn.open_table(FEED)?;
+    txn.open_table(META)?;
+    txn.open_table(BY_SITE)?;
+    txn.open_table(SYNC_STATES)?;
+    txn.open_table(AUDIT)?;
+    txn.commit()?;
+    Ok(db)
+}
+
 impl Store {
     /// Opens the store at `path`, creating the file (and its directory) if needed, with a
     /// page cache of [`DEFAULT_CACHE_BYTES`].
@@ -325,25 +368,33 @@ impl Store {
                 source,
             })?;
         }
-        let db = match redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-        {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(path)),
-            Err(e) => return Err(e.into()),
-        };
-        let txn = db.begin_write()?;
-        txn.open_table(DOCS)?;
-        txn.open_table(SNAPSHOTS)?;
-        txn.open_table(CHUNKS)?;
-        txn.open_table(FEED)?;
-        txn.open_table(META)?;
-        txn.open_table(BY_SITE)?;
-        txn.open_table(SYNC_STATES)?;
-        txn.open_table(AUDIT)?;
-        txn.commit()?;
-        Ok(Store { db, path })
+        let db = open_db(&path, cache_bytes)?;
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            path,
+            cache_bytes,
+        })
+    }
+
+    /// Opens the file again, after a write failed. redb refuses every transaction after an
+    /// I/O error (a disk that filled up) until the file is reopened, and then recovers the
+    /// last committed state: nothing committed is lost, and writes work again once there is
+    /// room. Waits for transactions under way; if the file cannot be opened yet, every call
+    /// fails with [`StoreError::Closed`] until a later `reopen` succeeds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The old handle must be gone first: redb locks the file while it is open.
+        drop(slot.take());
+        *slot = Some(open_db(&self.path, self.cache_bytes)?);
+        Ok(())
+    }
+
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed);
+        }
+        Ok(DbGuard(guard))
     }
 
     /// The path of the redb file.
@@ -352,13 +403,14 @@ impl Store {
     }
 
     /// The underlying database, for adapters that keep their own tables in the same file.
-    pub fn database(&self) -> &Database {
-        &self.db
+    /// Hold it only for the time it takes to begin a transaction: [`Store::reopen`] waits.
+    pub fn database(&self) -> Result<DbGuard<'_>, StoreError> {
+        self.db()
     }
 
     /// The metadata of a document, without loading it.
     pub fn meta(&self, id: DocumentId) -> Result<Option<DocMeta>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let v = docs.get(id.as_bytes())?;
         v.map(|g| decode_meta(id, g.value())).transpose()
@@ -366,7 +418,7 @@ impl Store {
 
     /// Loads a document. `Ok(None)` when it is not stored.
     pub fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let Some(meta) = docs.get(id.as_bytes())? else {
             return Ok(None);
@@ -420,7 +472,7 @@ impl Store {
         if writes.is_empty() && audit.is_empty() && states.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         if !audit.is_empty() {
             append_audit(&txn, audit)?;
         }
@@ -586,7 +638,7 @@ impl Store {
 
     /// Folds a document's chunks into one snapshot. Content and heads do not change.
     pub fn compact(&self, id: DocumentId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
@@ -613,7 +665,7 @@ impl Store {
 
     /// Removes a document's bytes and metadata (used when a replica must purge a document).
     pub fn remove(&self, id: DocumentId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let existed;
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -672,7 +724,7 @@ impl Store {
         id: DocumentId,
         audit: &[AuditEntry],
     ) -> Result<Option<DocMeta>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let out;
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -716,10 +768,16 @@ impl Store {
     /// cut off: after it, no byte of an erased document remains on disk. Needs exclusive
     /// access (the server runs it at every clean shutdown; `relais compact` runs it offline).
     pub fn compact_file(&mut self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let db = self
+            .db
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .ok_or(StoreError::Closed)?;
+        let txn = db.begin_write()?;
         txn.open_table(META)?.remove(COMPACT_PENDING)?;
         txn.commit()?;
-        while self.db.compact().map_err(|e| StoreError::Redb(e.into()))? {}
+        while db.compact().map_err(|e| StoreError::Redb(e.into()))? {}
         Ok(())
     }
 
@@ -733,7 +791,7 @@ impl Store {
     /// [`DocMeta::gone`] with a new feed sequence, so that devices that held it are told to
     /// purge it. Returns false for an unknown id.
     pub fn forget(&self, id: DocumentId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
@@ -775,7 +833,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, AuditEntry)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(AUDIT)?;
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..)? {
@@ -795,7 +853,7 @@ impl Store {
 
     /// Documents written after feed sequence `since`, oldest first, at most `limit`.
     pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let feed = txn.open_table(FEED)?;
         let docs = txn.open_table(DOCS)?;
         let mut out = Vec::new();
@@ -834,7 +892,7 @@ impl Store {
     /// is not a document (a token's scope), and devices whose cursor is older must know.
     /// Only the latest marker is kept.
     pub fn mark_feed(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let seq;
         {
             let mut feed = txn.open_table(FEED)?;
@@ -854,7 +912,7 @@ impl Store {
 
     /// The latest feed sequence (0 for an empty store).
     pub fn last_seq(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let feed = txn.open_table(FEED)?;
         let last = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0);
         Ok(last)
@@ -862,7 +920,7 @@ impl Store {
 
     /// Number of stored documents.
     pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         Ok(txn.open_table(DOCS)?.len()?)
     }
 
@@ -873,7 +931,7 @@ impl Store {
 
     /// Every stored document id with its metadata, in id order.
     pub fn list(&self) -> Result<Vec<(DocumentId, DocMeta)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let mut out = Vec::new();
         for row in docs.iter()? {
@@ -887,7 +945,7 @@ impl Store {
     /// Documents that belong to a site (households living there, the site itself, campaigns
     /// serving it), in id order.
     pub fn at_site(&self, site: &str) -> Result<Vec<DocumentId>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(BY_SITE)?;
         let mut out = Vec::new();
         for row in t.range((site, [0u8; 16])..=(site, [0xffu8; 16]))? {
@@ -905,7 +963,7 @@ impl Store {
         if states.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         insert_sync_states(&txn, states)?;
         txn.commit()?;
         Ok(())
@@ -913,7 +971,7 @@ impl Store {
 
     /// The saved sync state of a peer for a document.
     pub fn sync_state(&self, peer: &str, id: DocumentId) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(SYNC_STATES)?;
         let v = t.get((peer, *id.as_bytes()))?.map(|g| g.value().to_vec());
         Ok(v)
@@ -921,7 +979,7 @@ impl Store {
 
     /// Reads a small named value.
     pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(META)?;
         let v = t.get(name)?.map(|g| g.value().to_vec());
         Ok(v)
@@ -929,7 +987,7 @@ impl Store {
 
     /// Writes a small named value, durably.
     pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.open_table(META)?.insert(name, value)?;
         txn.commit()?;
         Ok(())

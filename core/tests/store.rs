@@ -359,3 +359,22 @@ fn a_forgotten_document_is_listed_as_gone_and_comes_back_on_a_later_write() {
     assert!(l.store().at_site("SOC-01").unwrap().contains(&hh));
     assert_eq!(l.household(hh).unwrap().household.head_name, "Leaving");
 }
+
+#[test]
+fn reopening_keeps_what_was_committed_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let h = l.register(new_household("SOC-01", "Before")).unwrap();
+    let seq = l.store().last_seq().unwrap();
+    l.store().reopen().unwrap();
+    assert_eq!(l.store().last_seq().unwrap(), seq);
+    assert!(l.household(h).is_ok());
+    let after = l.register(new_household("SOC-01", "After")).unwrap();
+    assert!(l.household(after).is_ok());
+    // The file stays locked to this process across the reopen.
+    assert!(matches!(
+        Store::open(dir.path().join("tab.redb")),
+        Err(StoreError::Locked(_))
+    ));
+}

@@ -36,7 +36,7 @@ pub struct Devices {
 impl Devices {
     /// Loads what the store remembers.
     pub fn load(store: &Store) -> Result<Self, StoreError> {
-        let txn = store.database().begin_read()?;
+        let txn = store.database()?.begin_read()?;
         let mut map = HashMap::new();
         match txn.open_table(DEVICES) {
             Ok(t) => {
@@ -88,7 +88,7 @@ impl Devices {
             g.1 = false;
             g.0.clone()
         };
-        let txn = store.database().begin_write()?;
+        let txn = store.database()?.begin_write()?;
         {
             let mut t = txn.open_table(DEVICES)?;
             for (name, s) in rows {

@@ -118,7 +118,7 @@ pub fn create(
         revoked_at: None,
         former: None,
     };
-    let txn = store.database().begin_write()?;
+    let txn = store.database()?.begin_write()?;
     {
         let mut tokens = txn.open_table(TOKENS)?;
         if tokens.get(name)?.is_some() {
@@ -140,7 +140,7 @@ pub fn create(
 
 /// Every token record, by name.
 pub fn list(store: &Store) -> Result<Vec<TokenRecord>, TokenError> {
-    let txn = store.database().begin_read()?;
+    let txn = store.database()?.begin_read()?;
     let tokens = match txn.open_table(TOKENS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -158,7 +158,7 @@ pub fn list(store: &Store) -> Result<Vec<TokenRecord>, TokenError> {
 
 /// Revokes a token by name. Returns the record as revoked.
 pub fn revoke(store: &Store, name: &str, by: &str) -> Result<TokenRecord, TokenError> {
-    let txn = store.database().begin_write()?;
+    let txn = store.database()?.begin_write()?;
     let record;
     {
         let mut tokens = txn.open_table(TOKENS)?;
@@ -193,7 +193,7 @@ pub fn set_scope(
     by: &str,
 ) -> Result<TokenRecord, TokenError> {
     let current = {
-        let txn = store.database().begin_read()?;
+        let txn = store.database()?.begin_read()?;
         let tokens = txn.open_table(TOKENS)?;
         let v = tokens
             .get(name)?
@@ -214,7 +214,7 @@ pub fn set_scope(
     };
     r.former = Some(FormerScope { scope: before, seq });
     r.scope = scope;
-    let txn = store.database().begin_write()?;
+    let txn = store.database()?.begin_write()?;
     {
         let mut tokens = txn.open_table(TOKENS)?;
         let bytes = serde_json::to_vec(&r).expect("record serialises");
@@ -236,7 +236,7 @@ pub fn set_scope(
 /// The live (not revoked) record for a presented token.
 pub fn authenticate(store: &Store, token: &str) -> Result<Option<TokenRecord>, TokenError> {
     let h = hash(token);
-    let txn = store.database().begin_read()?;
+    let txn = store.database()?.begin_read()?;
     let hashes = match txn.open_table(TOKEN_HASHES) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),

@@ -134,8 +134,24 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(Command::new(relais_bin()), data, extra, env)
+    }
+
+    /// Like [`Server::start`], but no file the server writes may grow past `bytes`: a disk
+    /// that fills up. Writes beyond the limit fail with EFBIG (SIGXFSZ is ignored, as a
+    /// full disk sends no signal), through `prlimit` from util-linux.
+    pub fn start_with_file_limit(data: &Path, extra: &[&str], bytes: u64) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit"])
+            .arg(format!("--fsize={bytes}:unlimited"))
+            .arg("--")
+            .arg(relais_bin());
+        Server::spawn(cmd, data, extra, &[])
+    }
+
+    fn spawn(mut cmd: Command, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let log = std::fs::File::create(data.with_extension("log")).expect("log file");
-        let mut child = Command::new(relais_bin())
+        let mut child = cmd
             .args([
                 "serve",
                 "--data",
