@@ -379,14 +379,22 @@ impl Store {
     /// Opens the file again, after a write failed. redb refuses every transaction after an
     /// I/O error (a disk that filled up) until the file is reopened, and then recovers the
     /// last committed state: nothing committed is lost, and writes work again once there is
-    /// room. Waits for transactions under way; if the file cannot be opened yet, every call
-    /// fails with [`StoreError::Closed`] until a later `reopen` succeeds.
+    /// room. If the file cannot be opened yet (still no room, or a transaction begun before
+    /// still holds the old handle), every call fails with [`StoreError::Closed`] until a
+    /// later `reopen` succeeds.
     pub fn reopen(&self) -> Result<(), StoreError> {
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         // The old handle must be gone first: redb locks the file while it is open.
         drop(slot.take());
-        *slot = Some(open_db(&self.path, self.cache_bytes)?);
-        Ok(())
+        match open_db(&self.path, self.cache_bytes) {
+            Ok(db) => {
+                *slot = Some(db);
+                Ok(())
+            }
+            // Our own old handle, not another process.
+            Err(StoreError::Locked(_)) => Err(StoreError::Closed),
+            Err(e) => Err(e),
+        }
     }
 
     fn db(&self) -> Result<DbGuard<'_>, StoreError> {
