@@ -378,3 +378,24 @@ fn reopening_keeps_what_was_committed_and_writes_go_on() {
         Err(StoreError::Locked(_))
     ));
 }
+
+#[test]
+fn a_store_that_cannot_be_reopened_reports_closed_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let path = dir.path().join("tab.redb");
+    // The file is replaced by something redb cannot open (as a disk that still has no room
+    // for its recovery would leave it unopenable).
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, vec![0x5a; 8192]).unwrap();
+    std::fs::rename(&broken, &path).unwrap();
+    assert!(l.store().reopen().is_err());
+    assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
+    assert!(matches!(l.store().database(), Err(StoreError::Closed)));
+    assert!(l.register(new_household("SOC-01", "Refused")).is_err());
+    // Once the file opens again, so does the store.
+    std::fs::remove_file(&path).unwrap();
+    l.store().reopen().unwrap();
+    assert_eq!(l.store().last_seq().unwrap(), 0);
+}

@@ -136,6 +136,19 @@ fn shared(l: &Ledger) -> Arc<Store> {
     l.store_arc()
 }
 
+/// A session of the admin tablet `tab` with `office`, resuming from `cursors`.
+fn admin_link(tab: &Ledger, office: &Ledger, cursors: (u64, u64)) -> Link {
+    Link::new(shared(tab), shared(office), Identity::admin("tab"), cursors)
+}
+
+/// Registers one household per name at SOC-01.
+fn register_names(tab: &Ledger, names: &[&str]) -> Vec<relais_core::DocumentId> {
+    names
+        .iter()
+        .map(|n| tab.register(new_household("SOC-01", n)).unwrap())
+        .collect()
+}
+
 #[test]
 fn two_tablets_converge_through_a_server_and_reconnect_cheaply() {
     let dir = tempfile::tempdir().unwrap();
@@ -717,12 +730,7 @@ fn a_live_push_is_confirmed_with_a_new_synced() {
     let office = ledger(dir.path(), "office");
     seed(&office);
     let tab = ledger(dir.path(), "tab");
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        (0, 0),
-    );
+    let mut link = admin_link(&tab, &office, (0, 0));
     link.run();
     let first = link.synced().expect("initial sync");
     for round in 0..3 {
@@ -772,17 +780,9 @@ fn a_push_takes_one_round_trip_and_an_interrupted_one_offers_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let (office, tab, cursors) = provisioned(dir.path(), false);
 
-    let ids: Vec<_> = NAMES
-        .iter()
-        .map(|n| tab.register(new_household("SOC-01", n)).unwrap())
-        .collect();
+    let ids: Vec<_> = register_names(&tab, &NAMES);
     let n = ids.len();
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        cursors,
-    );
+    let mut link = admin_link(&tab, &office, cursors);
     link.run();
     assert!(link.synced().is_some(), "{:?}", link.closed);
     for id in &ids {
@@ -797,24 +797,14 @@ fn a_push_takes_one_round_trip_and_an_interrupted_one_offers_nothing_twice() {
 
     // The same session again with the old cursors, as after a link that dropped just
     // before `Synced` was saved: the server confirmed every household, so none is offered.
-    let mut again = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        cursors,
-    );
+    let mut again = admin_link(&tab, &office, cursors);
     again.run();
     assert!(again.synced().is_some(), "{:?}", again.closed);
     assert_eq!(again.frames, 4, "confirmed households were offered again");
 
     // An edit of a confirmed household pushes only the new change, still in one trip.
     from_menaka(&tab, ids[0]);
-    let mut edit = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        cursors,
-    );
+    let mut edit = admin_link(&tab, &office, cursors);
     edit.run();
     assert!(edit.synced().is_some(), "{:?}", edit.closed);
     assert_eq!(
@@ -838,12 +828,7 @@ fn a_fresh_tablet_receives_its_documents_in_batches() {
         office.register(new_household("SOC-01", n)).unwrap();
     }
     let tab = ledger(dir.path(), "tab");
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        (0, 0),
-    );
+    let mut link = admin_link(&tab, &office, (0, 0));
     link.run();
     assert!(link.synced().is_some(), "{:?}", link.closed);
     let docs = tab.store().len().unwrap() as usize;
@@ -859,30 +844,17 @@ fn a_fresh_tablet_receives_its_documents_in_batches() {
 fn a_push_and_a_listing_in_one_server_round_leave_nothing_awaiting() {
     let dir = tempfile::tempdir().unwrap();
     let (office, tab, cursors) = provisioned(dir.path(), true);
-    let ids: Vec<_> = NAMES
-        .iter()
-        .map(|n| tab.register(new_household("SOC-01", n)).unwrap())
-        .collect();
+    let ids: Vec<_> = register_names(&tab, &NAMES);
     // The pushes and the listing request reach the server in one round: the listing is
     // written before the pushes are committed.
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        cursors,
-    );
+    let mut link = admin_link(&tab, &office, cursors);
     link.run_grouped();
     let cursors = link.synced().expect("pushed");
     // An edit, pushed the same way: the listing now names the household being pushed, and
     // must give its heads as they are after this round, or the tablet would sync it again
     // and wait for an answer the server has no reason to give.
     from_menaka(&tab, ids[0]);
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        cursors,
-    );
+    let mut link = admin_link(&tab, &office, cursors);
     link.run_grouped();
     assert_eq!(link.client.awaiting(C), 0, "a document left awaiting");
     assert!(link.synced().is_some(), "{:?}", link.closed);
@@ -902,12 +874,7 @@ fn provisioned(dir: &std::path::Path, grouped: bool) -> (Ledger, Ledger, (u64, u
     let office = ledger(dir, "office");
     seed(&office);
     let tab = ledger(dir, "tab");
-    let mut link = Link::new(
-        shared(&tab),
-        shared(&office),
-        Identity::admin("tab"),
-        (0, 0),
-    );
+    let mut link = admin_link(&tab, &office, (0, 0));
     link.deliver(grouped);
     let cursors = link.synced().expect("provisioned");
     (office, tab, cursors)
@@ -931,10 +898,7 @@ fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
     seed(&office);
     let tab = ledger(dir.path(), "tab");
     seed(&tab);
-    let ids: Vec<_> = NAMES[..3]
-        .iter()
-        .map(|n| tab.register(new_household("SOC-01", n)).unwrap())
-        .collect();
+    let ids: Vec<_> = register_names(&tab, &NAMES[..3]);
     // What a tablet pushes: all of a household's changes in its first message.
     let push = |id| {
         let doc = tab.store().load(id).unwrap().unwrap().doc;
