@@ -66,6 +66,14 @@ pub struct BenchArgs {
     /// Soak: changes a second, across all tablets.
     #[arg(long, default_value_t = 20.0)]
     soak_rate: f64,
+    /// Soak: the server's page cache (`serve --cache-mib`). Small by default, so that it is
+    /// full before the first reading: a cache still filling would look like a leak.
+    #[arg(long, default_value_t = 8)]
+    soak_cache_mib: u64,
+    /// Soak: documents the server keeps loaded (`serve --max-loaded-docs`). Small by default
+    /// for the same reason; `serve`'s own default is 20,000.
+    #[arg(long, default_value_t = 300)]
+    soak_max_loaded_docs: usize,
 }
 
 /// Everything measured in one run.
@@ -148,12 +156,15 @@ impl Drop for ServerProc {
     }
 }
 
-pub(crate) fn start_server(data: &Path) -> anyhow::Result<ServerProc> {
+/// Starts `relais serve` on a free loopback port with its store at `data`, passing `extra`
+/// flags through.
+pub(crate) fn start_server(data: &Path, extra: &[String]) -> anyhow::Result<ServerProc> {
     use std::io::BufRead;
     let exe = std::env::current_exe().context("own executable")?;
     let mut child = Command::new(exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
+        .args(extra)
         .env("RELAIS_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -311,6 +322,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.soak_tablets,
             args.soak_minutes,
             args.soak_rate,
+            crate::soak::ServerCaches {
+                cache_mib: args.soak_cache_mib,
+                max_loaded_docs: args.soak_max_loaded_docs,
+            },
         ));
         if args.dir.is_none() {
             let _ = std::fs::remove_dir_all(&root);
@@ -424,7 +439,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             enumerator_token(&ledger, "bench-BEN-02", Some("BEN-02"))?,
         )
     };
-    let server = start_server(&data)?;
+    let server = start_server(&data, &[])?;
     let pid = server.child.id();
     let url = server.url.clone();
     let writer = |n: &str| Writer {

@@ -901,9 +901,33 @@ fn main() {
         },
     );
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_message(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each said once: the library errors name their cause
+/// in their own message too, so `{:#}` would repeat it. A full disk gets a hint.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    // ENOSPC, and EFBIG (a file size limit) which looks the same to the store.
+    if out.contains("(os error 28)") || out.contains("(os error 27)") {
+        out.push_str(
+            "\n(the disk is full, or the file reached its size limit: nothing saved before is \
+             lost; free some space and run it again)",
+        );
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -1130,5 +1154,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Field(args) => field::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("local storage: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_names_each_cause_once_and_a_full_disk_gets_a_hint() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = anyhow::Error::new(Outer(io)).context("sync failed");
+        let m = error_message(&e);
+        assert_eq!(m.matches("os error 28").count(), 1, "{m}");
+        assert!(m.starts_with("sync failed: local storage: "), "{m}");
+        assert!(m.contains("free some space"), "{m}");
+        let plain = error_message(&anyhow::anyhow!("bad token"));
+        assert_eq!(plain, "bad token");
     }
 }

@@ -1,7 +1,10 @@
 //! `relais bench --soak`: holds many connected tablets (relais-client replicas in background
 //! sync) against a real `relais serve` process for minutes, at a steady trickle of changes,
 //! and reports the server's RSS over time, disconnections and errors. The server's memory
-//! must stay flat: a leak per message or per connection shows as growth here.
+//! must stay flat: a leak per message or per connection shows as growth here. The server runs
+//! with small caches (an 8 MiB page cache, 300 loaded documents) unless told otherwise, so
+//! that both are full before the first reading; a cache still filling towards its cap would
+//! grow like a leak.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +24,16 @@ const PER_SITE: usize = 20;
 /// server's working set is warm before the first RSS reading.
 const OFFLINE_PER_TABLET: usize = 3;
 
+/// The server's two caches, set for a soak. Both fill as documents are written and read,
+/// up to their caps; while they fill, RSS grows without any leak.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ServerCaches {
+    /// redb's page cache, MiB (`serve --cache-mib`).
+    pub cache_mib: u64,
+    /// Automerge documents kept loaded (`serve --max-loaded-docs`).
+    pub max_loaded_docs: usize,
+}
+
 /// What a soak run saw.
 #[derive(Debug, Serialize)]
 pub struct SoakReport {
@@ -28,6 +41,8 @@ pub struct SoakReport {
     pub tablets: usize,
     /// Minutes the trickle ran.
     pub minutes: f64,
+    /// The server's caches in this run.
+    pub server_caches: ServerCaches,
     /// Changes written by tablets (registrations and handouts).
     pub changes: u64,
     /// Seconds until every tablet was connected.
@@ -60,6 +75,7 @@ pub async fn soak(
     tablets: usize,
     minutes: f64,
     rate: f64,
+    caches: ServerCaches,
 ) -> anyhow::Result<SoakReport> {
     if tablets == 0 || rate <= 0.0 || minutes <= 0.0 {
         bail!("--soak-tablets, --soak-rate and --soak-minutes must be positive");
@@ -79,10 +95,21 @@ pub async fn soak(
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
-    let mut server = start_server(&data)?;
+    let mut server = start_server(
+        &data,
+        &[
+            "--cache-mib".to_string(),
+            caches.cache_mib.to_string(),
+            "--max-loaded-docs".to_string(),
+            caches.max_loaded_docs.to_string(),
+        ],
+    )?;
     let pid = server.child.id();
     let url = server.url.clone();
-    eprintln!("soak: {tablets} tablets at {sites} sites against {url}");
+    eprintln!(
+        "soak: {tablets} tablets at {sites} sites against {url} (server page cache {} MiB, {} documents loaded at most)",
+        caches.cache_mib, caches.max_loaded_docs
+    );
 
     let started = Instant::now();
     let mut replicas = Vec::with_capacity(tablets);
@@ -242,6 +269,7 @@ pub async fn soak(
     Ok(SoakReport {
         tablets,
         minutes,
+        server_caches: caches,
         changes,
         connect_seconds,
         rss_start_mb: rss_start,
@@ -262,6 +290,10 @@ pub fn print_table(r: &SoakReport) {
     println!(
         "| tablets connected / minutes / changes written | {} / {:.1} / {} |",
         r.tablets, r.minutes, r.changes
+    );
+    println!(
+        "| server page cache / documents kept loaded | {} MiB / {} |",
+        r.server_caches.cache_mib, r.server_caches.max_loaded_docs
     );
     println!("| all connected after | {:.1} s |", r.connect_seconds);
     println!(

@@ -66,6 +66,10 @@ fn the_soak_runs_a_tiny_configuration() {
         "0.25",
         "--soak-rate",
         "20",
+        "--soak-cache-mib",
+        "4",
+        "--soak-max-loaded-docs",
+        "50",
         "--json",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -78,6 +82,8 @@ fn the_soak_runs_a_tiny_configuration() {
         )
     });
     assert_eq!(r["tablets"], 30);
+    assert_eq!(r["server_caches"]["cache_mib"], 4, "{r}");
+    assert_eq!(r["server_caches"]["max_loaded_docs"], 50, "{r}");
     assert!(r["changes"].as_u64().unwrap() > 20, "{r}");
     assert_eq!(r["unconfirmed_tablets"], 0, "{r}");
     assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
