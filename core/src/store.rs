@@ -33,7 +33,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use automerge::{Automerge, ChangeHash};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -248,7 +249,13 @@ pub struct Store {
     db: RwLock<Option<Database>>,
     path: PathBuf,
     cache_bytes: usize,
+    /// When a write last found the file failed and reopened it (see [`REOPEN_EVERY`]).
+    last_recovery: Mutex<Option<Instant>>,
 }
+
+/// Least time between two reopenings of the file that a write does by itself after a
+/// storage failure: reopening may run redb's recovery over the whole file.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(2);
 
 /// The open database, borrowed from a [`Store`] (see [`Store::database`]).
 pub struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
@@ -373,6 +380,7 @@ impl Store {
             db: RwLock::new(Some(db)),
             path,
             cache_bytes,
+            last_recovery: Mutex::new(None),
         })
     }
 
@@ -395,6 +403,38 @@ impl Store {
             Err(StoreError::Locked(_)) => Err(StoreError::Closed),
             Err(e) => Err(e),
         }
+    }
+
+    /// Begins a write transaction. After a storage failure (a full disk) redb refuses every
+    /// write until the file is opened again; this reopens it by itself, at most every
+    /// [`REOPEN_EVERY`], so that a long-running process (a tablet's app, a server) writes
+    /// again once there is room, without a restart. Within that interval the write fails
+    /// with [`StoreError::Closed`].
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        // The guard must be gone before a reopen, which takes the lock exclusively: it is
+        // dropped at the end of the match.
+        match self.db() {
+            Ok(db) => match db.begin_write() {
+                Ok(txn) => return Ok(txn),
+                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
+                Err(e) => return Err(e.into()),
+            },
+            // A reopen that failed earlier: try again.
+            Err(StoreError::Closed) => {}
+            Err(e) => return Err(e),
+        }
+        self.recover()?;
+        let db = self.db()?;
+        Ok(db.begin_write()?)
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        let mut last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return Err(StoreError::Closed);
+        }
+        *last = Some(Instant::now());
+        self.reopen()
     }
 
     fn db(&self) -> Result<DbGuard<'_>, StoreError> {
@@ -480,7 +520,7 @@ impl Store {
         if writes.is_empty() && audit.is_empty() && states.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         if !audit.is_empty() {
             append_audit(&txn, audit)?;
         }
@@ -646,7 +686,7 @@ impl Store {
 
     /// Folds a document's chunks into one snapshot. Content and heads do not change.
     pub fn compact(&self, id: DocumentId) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
@@ -673,7 +713,7 @@ impl Store {
 
     /// Removes a document's bytes and metadata (used when a replica must purge a document).
     pub fn remove(&self, id: DocumentId) -> Result<bool, StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         let existed;
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -732,7 +772,7 @@ impl Store {
         id: DocumentId,
         audit: &[AuditEntry],
     ) -> Result<Option<DocMeta>, StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         let out;
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -799,7 +839,7 @@ impl Store {
     /// [`DocMeta::gone`] with a new feed sequence, so that devices that held it are told to
     /// purge it. Returns false for an unknown id.
     pub fn forget(&self, id: DocumentId) -> Result<bool, StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
@@ -900,7 +940,7 @@ impl Store {
     /// is not a document (a token's scope), and devices whose cursor is older must know.
     /// Only the latest marker is kept.
     pub fn mark_feed(&self) -> Result<u64, StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         let seq;
         {
             let mut feed = txn.open_table(FEED)?;
@@ -971,7 +1011,7 @@ impl Store {
         if states.is_empty() {
             return Ok(());
         }
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         insert_sync_states(&txn, states)?;
         txn.commit()?;
         Ok(())
@@ -995,7 +1035,7 @@ impl Store {
 
     /// Writes a small named value, durably.
     pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(META)?.insert(name, value)?;
         txn.commit()?;
         Ok(())

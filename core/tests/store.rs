@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use automerge::{transaction::Transactable, Automerge, ReadDoc, ROOT};
 use common::*;
 use relais_core::document::DocInfo;
-use relais_core::store::{DocWrite, Store, StoreError, COMPACT_AFTER_CHUNKS};
+use relais_core::store::{DocWrite, Store, StoreError, COMPACT_AFTER_CHUNKS, REOPEN_EVERY};
 use relais_core::DocumentId;
 
 #[test]
@@ -398,4 +398,68 @@ fn a_store_that_cannot_be_reopened_reports_closed_until_it_can() {
     std::fs::remove_file(&path).unwrap();
     l.store().reopen().unwrap();
     assert_eq!(l.store().last_seq().unwrap(), 0);
+}
+
+/// Child half of the full-disk test: runs with SIGXFSZ ignored, caps its own file size
+/// (`prlimit --pid`), writes until the store refuses, lifts the cap, and writes again in the
+/// same process. Run only by `a_store_writes_again_once_the_disk_has_room`.
+#[test]
+#[ignore = "child process of the full-disk test"]
+fn child_full_disk() {
+    let Ok(dir) = std::env::var("RELAIS_FULL_DIR") else {
+        return;
+    };
+    let prlimit = |limit: &str| {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &std::process::id().to_string()])
+            .arg(format!("--fsize={limit}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "prlimit {limit}");
+    };
+    let l = ledger(std::path::Path::new(&dir), "tab");
+    seed(&l);
+    let size = std::fs::metadata(l.store().path()).unwrap().len();
+    prlimit(&format!("{}:unlimited", size + 64 * 1024));
+    let mut written = Vec::new();
+    let err = loop {
+        match l.register(new_household(
+            "SOC-01",
+            &format!("Household {}", written.len()),
+        )) {
+            Ok(id) => written.push(id),
+            Err(e) => break e,
+        }
+        assert!(written.len() < 100_000, "the cap never bit");
+    };
+    assert!(err.to_string().contains("File too large"), "{err}");
+    prlimit("unlimited:unlimited");
+    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    let after = l
+        .register(new_household("SOC-01", "After the disk had room"))
+        .expect("the same store writes again once there is room");
+    written.push(after);
+    for id in &written {
+        l.household(*id).expect("every acknowledged write kept");
+    }
+    println!("CHILD OK {}", written.len());
+}
+
+#[test]
+fn a_store_writes_again_once_the_disk_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; exec \"$@\"", "sh"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "child_full_disk", "--ignored", "--nocapture"])
+        .env("RELAIS_FULL_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CHILD OK"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -151,7 +151,11 @@ async fn a_tablet_whose_disk_fills_keeps_its_work_and_syncs_once_there_is_room()
     );
     eprintln!("capped sync: {}", stderr.trim());
     assert!(stderr.contains("File too large"), "a clear error: {stderr}");
-    assert_eq!(stderr.matches("File too large").count(), 1, "said once: {stderr}");
+    assert_eq!(
+        stderr.matches("File too large").count(),
+        1,
+        "said once: {stderr}"
+    );
     assert!(stderr.contains("free some space"), "a hint: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
