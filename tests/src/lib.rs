@@ -117,6 +117,18 @@ pub fn seeded_data_dir() -> (tempfile::TempDir, PathBuf, String) {
     (dir, data, token)
 }
 
+/// A command running `relais`, with no file it writes allowed to grow past `bytes`: a disk
+/// that fills up. Writes beyond the limit fail with EFBIG (SIGXFSZ is ignored, as a full
+/// disk sends no signal), through `prlimit` from util-linux.
+pub fn relais_with_file_limit(bytes: u64) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit"])
+        .arg(format!("--fsize={bytes}:unlimited"))
+        .arg("--")
+        .arg(relais_bin());
+    cmd
+}
+
 /// A running `relais serve` process.
 pub struct Server {
     child: Child,
@@ -138,15 +150,9 @@ impl Server {
     }
 
     /// Like [`Server::start`], but no file the server writes may grow past `bytes`: a disk
-    /// that fills up. Writes beyond the limit fail with EFBIG (SIGXFSZ is ignored, as a
-    /// full disk sends no signal), through `prlimit` from util-linux.
+    /// that fills up (see [`relais_with_file_limit`]).
     pub fn start_with_file_limit(data: &Path, extra: &[&str], bytes: u64) -> Server {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit"])
-            .arg(format!("--fsize={bytes}:unlimited"))
-            .arg("--")
-            .arg(relais_bin());
-        Server::spawn(cmd, data, extra, &[])
+        Server::spawn(relais_with_file_limit(bytes), data, extra, &[])
     }
 
     fn spawn(mut cmd: Command, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {

@@ -126,12 +126,7 @@ async fn a_tablet_whose_disk_fills_keeps_its_work_and_syncs_once_there_is_room()
     let limit = std::fs::metadata(&file).unwrap().len() + 256 * 1024;
     let sync = |capped: bool| {
         let mut cmd = if capped {
-            let mut c = std::process::Command::new("sh");
-            c.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh", "prlimit"])
-                .arg(format!("--fsize={limit}:unlimited"))
-                .arg("--")
-                .arg(relais_bin());
-            c
+            relais_with_file_limit(limit)
         } else {
             std::process::Command::new(relais_bin())
         };
