@@ -434,7 +434,16 @@ impl Store {
             return Err(StoreError::Closed);
         }
         *last = Some(Instant::now());
-        self.reopen()
+        match self.reopen() {
+            Ok(()) => {
+                tracing::warn!(path = %self.path.display(), "store reopened after a storage failure");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not reopen the store");
+                Err(e)
+            }
+        }
     }
 
     fn db(&self) -> Result<DbGuard<'_>, StoreError> {

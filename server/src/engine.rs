@@ -23,9 +23,6 @@ use crate::upstream::{self, Link};
 /// Inputs taken per round before committing.
 pub const MAX_BATCH: usize = 512;
 
-/// Least time between two attempts to reopen the store after failed commits.
-pub const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Close codes used on the WebSocket (RFC 6455).
 pub mod close_code {
     /// Going away (shutdown).
@@ -231,7 +228,6 @@ fn run(
     let mut upstream: Option<UpstreamConn> = None;
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut last_reopen: Option<Instant> = None;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -322,16 +318,8 @@ fn run(
                 // Nothing of this round was acknowledged: forget it, drop everyone, and let
                 // clients resync from what is durable.
                 tracing::error!(error = %e, "commit failed; closing all connections");
-                // redb refuses every later transaction after an I/O error (a full disk) until
-                // the file is opened again. Reopening may run redb's recovery over the whole
-                // file, so not more often than every REOPEN_EVERY.
-                if last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
-                    last_reopen = Some(Instant::now());
-                    match store.reopen() {
-                        Ok(()) => tracing::warn!("store reopened; writes resume when they fit"),
-                        Err(e) => tracing::error!(error = %e, "could not reopen the store"),
-                    }
-                }
+                // The store reopens its file by itself at the next write (redb refuses every
+                // transaction after an I/O error until then), so writes resume once they fit.
                 hub.reset();
                 for (conn, o) in outboxes.drain() {
                     let _ = o.tx.try_send(Outgoing::Close(
