@@ -954,3 +954,129 @@ fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
         }
     }
 }
+
+#[test]
+fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::message::{BatchDoc, PeerMetadata, PROTOCOL_RELAIS};
+    let dir = tempfile::tempdir().unwrap();
+    // The office already holds one household, which the tablet then edits.
+    let (office, tab, _) = provisioned(dir.path(), false);
+    let edited = tab.register(new_household("SOC-01", "Edited")).unwrap();
+    admin_link(&tab, &office, (0, 0)).run();
+    assert!(office.household(edited).is_ok());
+    from_menaka(&tab, edited);
+    let fresh: Vec<_> = (0..8)
+        .map(|i| {
+            tab.register(new_household("SOC-01", &format!("New {i}")))
+                .unwrap()
+        })
+        .collect();
+    let elsewhere = tab.register(new_household("GAO-01", "Elsewhere")).unwrap();
+    let after_bad = tab.register(new_household("SOC-01", "After")).unwrap();
+    // What a tablet pushes: all of a household's changes in its first message.
+    let push = |id| {
+        let doc = tab.store().load(id).unwrap().unwrap().doc;
+        let mut st = automerge::sync::State::new();
+        st.their_heads = Some(vec![]);
+        st.their_need = Some(vec![]);
+        st.their_have = Some(vec![automerge::sync::Have {
+            last_sync: vec![],
+            bloom: Default::default(),
+        }]);
+        BatchDoc {
+            document_id: id,
+            data: doc.generate_sync_message(&mut st).unwrap().encode(),
+            request: false,
+        }
+    };
+    let mut docs: Vec<BatchDoc> = fresh.iter().map(|id| push(*id)).collect();
+    docs.insert(3, push(edited));
+    // Out of the device's scope: refused after it was applied.
+    docs.insert(5, push(elsewhere));
+    // Twice in one batch: only ever applied in order.
+    docs.push(push(fresh[0]));
+    let first = Message::SyncBatch {
+        sender_id: "tab".into(),
+        target_id: "s".into(),
+        docs,
+    };
+    // A second batch on the same connection, which now holds sync states for these: edits,
+    // then one undecodable document, where the connection ends and nothing after is taken.
+    for id in &fresh[4..] {
+        from_menaka(&tab, *id);
+    }
+    let mut docs: Vec<BatchDoc> = fresh[4..].iter().map(|id| push(*id)).collect();
+    docs.push(BatchDoc {
+        data: vec![0x42, 0xff, 0x00],
+        ..push(after_bad)
+    });
+    docs.push(push(after_bad));
+    let second = Message::SyncBatch {
+        sender_id: "tab".into(),
+        target_id: "s".into(),
+        docs,
+    };
+    let who = Identity {
+        device: "tab-mopti-07".into(),
+        role: Role::Enumerator,
+        scope: Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        },
+        former: None,
+    };
+    // Neither step is committed, so both hubs start from the same store.
+    let run = |workers: usize| {
+        let cfg = HubConfig {
+            peer_id: "relais-server-office".into(),
+            workers,
+            ..HubConfig::default()
+        };
+        let mut hub = Hub::new(cfg, office.store_arc());
+        hub.connect(2, who.clone());
+        let join = Message::Join {
+            sender_id: "tab".into(),
+            supported_protocol_versions: vec!["1".to_string(), PROTOCOL_RELAIS.to_string()],
+            peer_metadata: PeerMetadata::default(),
+        };
+        hub.receive(2, &join.encode());
+        let mut step = hub.receive(2, &first.encode());
+        step.absorb(hub.receive(2, &second.encode()));
+        (step, hub.stats().applied_ahead)
+    };
+    let (one, none_ahead) = run(1);
+    let (many, ahead) = run(4);
+    assert_eq!(none_ahead, 0);
+    // Seven of the new households, the edit and the one out of scope, not the one sent
+    // twice; then the four edits.
+    assert_eq!(ahead, 13);
+    let writes = |s: &Step| {
+        s.writes
+            .iter()
+            .map(|w| (w.id, w.heads.clone(), w.base_heads.clone(), w.data.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(writes(&one), writes(&many));
+    let mut expected: Vec<_> = fresh.clone();
+    expected.insert(3, edited);
+    expected.extend(&fresh[4..]);
+    assert_eq!(
+        many.writes.iter().map(|w| w.id).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(one.sends, many.sends);
+    assert_eq!(one.closes, many.closes);
+    assert!(many.closes[0].1.contains(&after_bad.to_string()));
+    let audit = |s: &Step| {
+        s.audit
+            .iter()
+            .map(|a| (a.action, a.document, a.detail.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(audit(&one), audit(&many));
+    assert!(audit(&many)
+        .iter()
+        .any(|(_, d, detail)| *d == Some(elsewhere)
+            && detail.as_deref() == Some("change out of scope")));
+}

@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub max_loaded_docs: Option<usize>,
     /// `cache-mib = 64`
     pub cache_mib: Option<usize>,
+    /// `sync-workers = 2`
+    pub sync_workers: Option<usize>,
     /// `tls-cert = "/etc/relais/cert.pem"`
     pub tls_cert: Option<PathBuf>,
     /// `tls-key = "/etc/relais/key.pem"`
@@ -75,6 +77,8 @@ pub struct ServerConfig {
     pub max_loaded_docs: usize,
     /// redb's page cache, in MiB.
     pub cache_mib: usize,
+    /// Threads that apply the documents of one batch at once (at least 1).
+    pub sync_workers: usize,
     /// Certificate chain and private key (PEM): serve `https://` and `wss://`.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Upstream server to replicate with.
@@ -101,6 +105,7 @@ impl Default for ServerConfig {
             send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
             max_loaded_docs: DEFAULT_MAX_LOADED_DOCS,
             cache_mib: relais_core::store::DEFAULT_CACHE_BYTES >> 20,
+            sync_workers: relais_core::protocol::hub::HubConfig::default().workers,
             tls: None,
             upstream: None,
         }

@@ -191,6 +191,7 @@ pub async fn serve(
         peer_id: format!("relais-server-{storage_id}"),
         storage_id: Some(storage_id),
         max_loaded_docs: cfg.max_loaded_docs,
+        workers: cfg.sync_workers,
         ..HubConfig::default()
     };
     let link = cfg

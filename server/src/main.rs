@@ -195,7 +195,7 @@ struct ServeArgs {
     #[arg(long, env = "RELAIS_DATA")]
     data: Option<PathBuf>,
     /// TOML file with any of: listen, data, max-frame-bytes, send-buffer-bytes, max-loaded-docs,
-    /// cache-mib, tls-cert, tls-key, upstream, upstream-token, upstream-ca.
+    /// cache-mib, sync-workers, tls-cert, tls-key, upstream, upstream-token, upstream-ca.
     #[arg(long, env = "RELAIS_CONFIG")]
     config: Option<PathBuf>,
     /// Largest WebSocket message accepted, in bytes [default: 16 MiB].
@@ -210,6 +210,9 @@ struct ServeArgs {
     /// Memory for the store's page cache, in MiB [default: 64].
     #[arg(long, env = "RELAIS_CACHE_MIB")]
     cache_mib: Option<usize>,
+    /// Threads that apply the documents of one pushed batch at once [default: the cores, at most 8].
+    #[arg(long, env = "RELAIS_SYNC_WORKERS")]
+    sync_workers: Option<usize>,
     /// Certificate chain (PEM): serve https:// and wss:// (needs --tls-key).
     #[arg(long, env = "RELAIS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -835,6 +838,11 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             .cache_mib
             .or(file.cache_mib)
             .unwrap_or(d.cache_mib)
+            .max(1),
+        sync_workers: args
+            .sync_workers
+            .or(file.sync_workers)
+            .unwrap_or(d.sync_workers)
             .max(1),
         tls: match (
             args.tls_cert.or(file.tls_cert),

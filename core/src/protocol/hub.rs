@@ -17,7 +17,6 @@
 //! message depends on the peers of that document, not on the totals.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, ReadDoc};
@@ -28,6 +27,7 @@ use crate::document::{self, DocInfo, DocKind};
 use crate::protocol::message::{
     BatchDoc, DecodeError, DocMessage, FeedDoc, Message, PeerMetadata, PROTOCOL_RELAIS, PROTOCOL_V1,
 };
+use crate::protocol::prepare::{self, Job, Prepared};
 use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc, FEED_MARKER};
 use crate::DocumentId;
 
@@ -98,6 +98,10 @@ pub struct HubConfig {
     pub max_loaded_docs: usize,
     /// Documents per `relais-changes` page: about 60 bytes each, so ~120 KB a page.
     pub feed_page: usize,
+    /// Threads that apply the documents of one `relais-sync-batch` at once (the calling
+    /// thread among them); 1 applies them one by one. Defaults to the cores available, at
+    /// most 8.
+    pub workers: usize,
 }
 
 impl Default for HubConfig {
@@ -107,6 +111,9 @@ impl Default for HubConfig {
             storage_id: None,
             max_loaded_docs: 20_000,
             feed_page: 2_000,
+            workers: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8),
         }
     }
 }
@@ -409,6 +416,9 @@ pub struct HubStats {
     pub ready_connections: usize,
     /// Documents in memory.
     pub loaded_docs: usize,
+    /// Documents of `relais-sync-batch` frames, since the start, whose changes were applied
+    /// ahead on several threads and taken as they were (see [`HubConfig::workers`]).
+    pub applied_ahead: u64,
 }
 
 /// The sync hub. See the [module docs](self).
@@ -427,6 +437,10 @@ pub struct Hub<S: HubStore> {
     optimistic: HashMap<(ConnId, DocumentId), Vec<ChangeHash>>,
     /// Sync states to save for peers that keep their own storage.
     saved_states: Vec<(String, DocumentId, Vec<u8>)>,
+    /// The documents of the batch being handled, applied ahead (see [`prepare`]).
+    prepared: HashMap<DocumentId, Prepared>,
+    /// Of those, how many were taken, since the start.
+    applied_ahead: u64,
 }
 
 /// Documents an outbound connection syncs at once. A replica with thousands of documents
@@ -484,6 +498,8 @@ impl<S: HubStore> Hub<S> {
             ephemeral_order: VecDeque::new(),
             optimistic: HashMap::new(),
             saved_states: Vec::new(),
+            prepared: HashMap::new(),
+            applied_ahead: 0,
         }
     }
 
@@ -501,6 +517,7 @@ impl<S: HubStore> Hub<S> {
                 .filter(|c| matches!(c.phase, Phase::Ready))
                 .count(),
             loaded_docs: self.docs.len(),
+            applied_ahead: self.applied_ahead,
         }
     }
 
@@ -747,6 +764,7 @@ impl<S: HubStore> Hub<S> {
                         "relais-sync-batch needs protocol relais-1".into(),
                     );
                 }
+                self.prepare_batch(conn, &docs);
                 for d in docs {
                     if !self.conns.contains_key(&conn) {
                         // An earlier document of the batch failed the connection.
@@ -760,6 +778,7 @@ impl<S: HubStore> Hub<S> {
                     };
                     self.sync(conn, m, d.request, step);
                 }
+                self.prepared.clear();
             }
             Message::Ephemeral {
                 sender_id,
@@ -1130,6 +1149,12 @@ impl<S: HubStore> Hub<S> {
 
     fn describe(&mut self, doc: &Automerge) -> DocInfo {
         let info = document::describe(doc, &mut |_| None);
+        self.with_regions(info)
+    }
+
+    /// Fills in the regions of what [`document::describe`] read, which only the hub knows
+    /// (from the site documents), and learns a site document's own region.
+    fn with_regions(&mut self, info: DocInfo) -> DocInfo {
         if info.kind == DocKind::Site {
             // A site document carries its own region.
             if let (Some(code), Some(region)) = (info.sites.first(), info.regions.first()) {
@@ -1151,12 +1176,24 @@ impl<S: HubStore> Hub<S> {
     /// peer's last session when there is one (so a reconnect does not start the bloom-filter
     /// exchange from scratch), else a fresh one.
     fn ensure_state(&mut self, conn: ConnId, id: DocumentId, can_write: bool) {
-        let Some(c) = self.conns.get(&conn) else {
-            return;
-        };
-        if c.syncs.contains_key(&id) {
+        if self
+            .conns
+            .get(&conn)
+            .is_none_or(|c| c.syncs.contains_key(&id))
+        {
             return;
         }
+        let state = self.initial_state(conn, id, can_write);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.syncs.insert(id, state);
+        }
+    }
+
+    /// The sync state a connection starts a document with (see [`Self::ensure_state`]).
+    fn initial_state(&self, conn: ConnId, id: DocumentId, can_write: bool) -> sync::State {
+        let Some(c) = self.conns.get(&conn) else {
+            return sync::State::new();
+        };
         let doc = self.docs.get(&id).map(|d| &d.doc);
         let saved = c
             .state_key
@@ -1172,8 +1209,63 @@ impl<S: HubStore> Hub<S> {
             });
         let mut state = saved.unwrap_or_default();
         state.set_read_only(!can_write);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.syncs.insert(id, state);
+        state
+    }
+
+    /// Applies ahead, on several threads, the documents of a batch that [`Self::sync`] is
+    /// about to apply to a fork: those this connection may write, whose message brings
+    /// changes, each once (see [`prepare`]). Anything unusual is left to `sync` alone.
+    fn prepare_batch(&mut self, conn: ConnId, docs: &[BatchDoc]) {
+        self.prepared.clear();
+        if self.cfg.workers < 2 || docs.len() < prepare::PARALLEL_MIN {
+            return;
+        }
+        let Some(identity) = self.conns.get(&conn).map(|c| c.identity.clone()) else {
+            return;
+        };
+        let mut count: HashMap<DocumentId, usize> = HashMap::new();
+        for d in docs {
+            *count.entry(d.document_id).or_default() += 1;
+        }
+        let mut wanted = Vec::new();
+        for d in docs {
+            let id = d.document_id;
+            if count[&id] > 1 {
+                continue;
+            }
+            let Ok(message) = sync::Message::decode(&d.data) else {
+                continue;
+            };
+            if message.changes.is_empty() || self.ensure_loaded(id).is_err() {
+                continue;
+            }
+            if let Some(e) = self.docs.get(&id) {
+                let known = !e.doc.get_heads().is_empty();
+                let writable =
+                    !known || (identity.can_read(&e.info) && identity.can_write(&e.info));
+                // A queue of changes waiting for their dependencies is not in the heads, so
+                // two documents with the same heads could still differ there.
+                if e.info.erased || !writable || !e.doc.get_missing_deps(&[]).is_empty() {
+                    continue;
+                }
+            }
+            let state = match self.conns[&conn].syncs.get(&id) {
+                Some(s) => s.clone(),
+                None => self.initial_state(conn, id, true),
+            };
+            wanted.push((id, state, message));
+        }
+        let jobs = wanted
+            .into_iter()
+            .map(|(id, state, message)| Job {
+                id,
+                base: self.docs.get(&id).map(|d| &d.doc),
+                state,
+                message,
+            })
+            .collect();
+        for p in prepare::prepare_all(jobs, self.cfg.workers) {
+            self.prepared.insert(p.id, p);
         }
     }
 
@@ -1336,24 +1428,30 @@ impl<S: HubStore> Hub<S> {
             .syncs
             .get_mut(&id)
             .expect("ensured");
-        // Apply to a fork: a change refused below then leaves nothing behind.
-        let mut candidate = if sync_msg.changes.is_empty() {
-            None
-        } else {
-            Some(entry.doc.fork())
-        };
-        let target = candidate.as_mut().unwrap_or(&mut entry.doc);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            target.receive_sync_message(state, sync_msg)
-        }));
-        let refused = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!(
-                "document {id}: automerge refused the sync message: {e}"
-            )),
-            Err(_) => Some(format!(
-                "document {id}: automerge panicked on the sync message"
-            )),
+        // Applied ahead with the rest of its batch, from exactly this document and state.
+        let prepared = self.prepared.remove(&id).filter(|p| {
+            !sync_msg.changes.is_empty()
+                && p.before == before
+                && p.state_in == *state
+                && entry.doc.get_missing_deps(&[]).is_empty()
+        });
+        let (candidate, refused, described) = match prepared {
+            Some(p) => {
+                self.applied_ahead += 1;
+                *state = p.state_out;
+                (Some(p.candidate), p.refused, p.info)
+            }
+            None => {
+                // Apply to a fork: a change refused below then leaves nothing behind.
+                let mut candidate = if sync_msg.changes.is_empty() {
+                    None
+                } else {
+                    Some(entry.doc.fork())
+                };
+                let target = candidate.as_mut().unwrap_or(&mut entry.doc);
+                let refused = prepare::apply_message(target, state, sync_msg, id);
+                (candidate, refused, None)
+            }
         };
         if let Some(reason) = refused {
             if !known && self.docs.get(&id).is_some_and(|d| d.persisted.is_empty()) {
@@ -1387,7 +1485,10 @@ impl<S: HubStore> Hub<S> {
                     self.docs.get_mut(&id).expect("loaded above").doc = candidate;
                 }
             } else {
-                let info = self.describe(&candidate);
+                let info = match described {
+                    Some(info) => self.with_regions(info),
+                    None => self.describe(&candidate),
+                };
                 let old_info = self.docs[&id].info.clone();
                 // A household may move out of the writer's scope by the writer's own edit.
                 let allowed = identity.can_write(&info)

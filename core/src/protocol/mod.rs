@@ -3,6 +3,7 @@
 //! - [`message`]: the automerge-repo wire messages and their CBOR codec.
 //! - [`hub`]: the state machine that serves many peers (the server) and can also open
 //!   outbound connections (a tablet, or a sub-office replicating upstream).
+//! - `prepare`: the hub applying the documents of one batch on several cores.
 //!
 //! Both ends use the same [`hub::Hub`], so a whole multi-peer sync runs in a unit test
 //! by passing frames between hubs.
@@ -10,3 +11,4 @@
 pub mod fuzzing;
 pub mod hub;
 pub mod message;
+mod prepare;
