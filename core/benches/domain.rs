@@ -1,5 +1,6 @@
-//! Domain and store costs: registering a household, merging a remote change, and saving and
-//! loading a whole site of 5,000 households with 2 distributions each.
+//! Domain and store costs: registering a household, merging a remote change, saving and
+//! loading a whole site of 5,000 households with 2 distributions each, and the server's hub
+//! taking a pushed batch of households on one thread and on two.
 //!
 //! Run with `cargo bench -p relais-core --bench domain`; figures go to BENCHMARKS.md.
 
@@ -292,10 +293,80 @@ fn duplicates_100k(c: &mut Criterion) {
     g.finish();
 }
 
+/// A tablet's push as the server's hub receives it: one `relais-sync-batch` of 256 new
+/// households, each with all its changes, applied with 1 and then 2 `workers` (the
+/// documents' changes applied and their records read on that many threads). The step is not
+/// committed, so every iteration starts from the same store.
+fn hub_push_batch(c: &mut Criterion) {
+    use relais_core::access::Identity;
+    use relais_core::protocol::hub::{Hub, HubConfig, BATCH_DOCS};
+    use relais_core::protocol::message::{BatchDoc, Message, PeerMetadata, PROTOCOL_RELAIS};
+    let dir = tempfile::tempdir().unwrap();
+    let tab = ledger(dir.path(), "tab");
+    let office = ledger(dir.path(), "office");
+    let docs = (0..BATCH_DOCS)
+        .map(|i| {
+            let id = tab.register(new_household(i)).unwrap();
+            let doc = tab.store().load(id).unwrap().unwrap().doc;
+            // What a tablet sends first for a document the server has never seen.
+            let mut st = automerge::sync::State::new();
+            st.their_heads = Some(vec![]);
+            st.their_need = Some(vec![]);
+            st.their_have = Some(vec![automerge::sync::Have {
+                last_sync: vec![],
+                bloom: Default::default(),
+            }]);
+            BatchDoc {
+                document_id: id,
+                data: doc.generate_sync_message(&mut st).unwrap().encode(),
+                request: false,
+            }
+        })
+        .collect();
+    let batch = Message::SyncBatch {
+        sender_id: "tab".into(),
+        target_id: "office".into(),
+        docs,
+    }
+    .encode();
+    let join = Message::Join {
+        sender_id: "tab".into(),
+        supported_protocol_versions: vec!["1".into(), PROTOCOL_RELAIS.into()],
+        peer_metadata: PeerMetadata::default(),
+    }
+    .encode();
+    let mut g = c.benchmark_group("hub_push_batch_256");
+    g.sample_size(20);
+    for workers in [1, 2] {
+        g.bench_function(format!("workers={workers}"), |b| {
+            b.iter_batched(
+                || {
+                    let cfg = HubConfig {
+                        workers,
+                        ..HubConfig::default()
+                    };
+                    let mut hub = Hub::new(cfg, office.store_arc());
+                    hub.connect(1, Identity::admin("tab"));
+                    hub.receive(1, &join);
+                    hub
+                },
+                |mut hub| {
+                    let step = hub.receive(1, &batch);
+                    assert_eq!(step.writes.len(), BATCH_DOCS, "every household taken");
+                    (hub, step)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     register,
     merge_remote_change,
+    hub_push_batch,
     site_of_5000,
     duplicates_100k
 );

@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// for the same reason; `serve`'s own default is 20,000.
     #[arg(long, default_value_t = 300)]
     soak_max_loaded_docs: usize,
+    /// Threads that apply a batch's documents at once, on the server (`serve
+    /// --sync-workers`) and on every tablet (`SyncOptions::workers`) [default: the cores,
+    /// at most 8].
+    #[arg(long)]
+    sync_workers: Option<usize>,
 }
 
 /// Everything measured in one run.
@@ -87,6 +92,10 @@ pub struct Report {
     pub households_pushed: usize,
     /// Seconds that phase took.
     pub push_seconds: f64,
+    /// CPU time (user + system) the server used in that phase, seconds. The tablets run on
+    /// the same machine, so `households_pushed` over this is what the server alone could
+    /// merge per second on one core of its own.
+    pub push_server_cpu_seconds: f64,
     /// Handout on A to visible on B, milliseconds.
     pub latency_ms_p50: f64,
     /// Same, 99th percentile.
@@ -365,8 +374,17 @@ fn print_table(r: &Report) {
     println!("| measure | value |");
     println!("| --- | --- |");
     println!(
+        "| threads applying a batch (server and each tablet) | {} |",
+        r.config["sync_workers"]
+    );
+    println!(
         "| changes merged per second ({} households pushed at once) | {:.0} |",
         r.households_pushed, r.changes_per_second
+    );
+    println!(
+        "| server CPU in that push / households merged per server CPU-second | {:.2} s / {:.0} |",
+        r.push_server_cpu_seconds,
+        r.households_pushed as f64 / r.push_server_cpu_seconds.max(0.01)
     );
     println!(
         "| sync latency A → server → B, p50 / p99 | {:.1} ms / {:.1} ms |",
@@ -439,7 +457,15 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             enumerator_token(&ledger, "bench-BEN-02", Some("BEN-02"))?,
         )
     };
-    let server = start_server(&data, &[])?;
+    let workers = args
+        .sync_workers
+        .unwrap_or(SyncOptions::default().workers)
+        .max(1);
+    let sopts = SyncOptions {
+        workers,
+        ..Default::default()
+    };
+    let server = start_server(&data, &["--sync-workers".into(), workers.to_string()])?;
     let pid = server.child.id();
     let url = server.url.clone();
     let writer = |n: &str| Writer {
@@ -449,17 +475,17 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
 
     // 1. The site a fresh tablet will download, pushed by one seeding tablet.
     let seeder = Replica::open(root.join("seeder"), writer("seeder"))?;
-    seeder.sync(&url, &token).await?;
+    seeder.sync_with(&url, &token, &sopts).await?;
     for i in 0..args.site_size {
         seeder.ledger().register(household("BEN-02", i))?;
     }
-    seeder.sync(&url, &token).await?;
+    seeder.sync_with(&url, &token, &sopts).await?;
 
     // 2. Tablets register offline, then all push at once.
     let mut tablets = Vec::new();
     for (t, tok) in tablet_tokens.iter().enumerate() {
         let r = Replica::open(root.join(format!("tab-{t}")), writer(&format!("tab-{t}")))?;
-        r.sync(&url, tok).await?;
+        r.sync_with(&url, tok, &sopts).await?;
         let site = format!("BEN-P{t}");
         for i in 0..args.households {
             r.ledger().register(household(&site, t * 100_000 + i))?;
@@ -483,11 +509,14 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             }
         }
     }
+    let cpu_before = usage(pid).1;
     let started = Instant::now();
     let mut pushes = Vec::new();
     for (r, token) in tablets.iter().zip(&tablet_tokens) {
-        let (r, url, token) = (r.clone(), url.clone(), token.clone());
-        pushes.push(tokio::spawn(async move { r.sync(&url, &token).await }));
+        let (r, url, token, sopts) = (r.clone(), url.clone(), token.clone(), sopts.clone());
+        pushes.push(tokio::spawn(async move {
+            r.sync_with(&url, &token, &sopts).await
+        }));
     }
     let mut sent_bytes = 0u64;
     let mut pushed = 0usize;
@@ -497,11 +526,12 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         pushed += s.documents_sent;
     }
     let push_seconds = started.elapsed().as_secs_f64();
+    let push_server_cpu_seconds = usage(pid).1 - cpu_before;
 
     // 3. Latency: A hands out a kit; B, connected in the background, sees it.
     let a = Arc::new(Replica::open(root.join("lat-a"), writer("lat-a"))?);
     let b = Arc::new(Replica::open(root.join("lat-b"), writer("lat-b"))?);
-    a.sync(&url, &token).await?;
+    a.sync_with(&url, &token, &sopts).await?;
     let targets: Vec<_> = a
         .ledger()
         .list_site("BEN-02")?
@@ -509,10 +539,10 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         .map(|v| v.id)
         .take(args.latency_samples)
         .collect();
-    b.sync(&url, &token).await?;
+    b.sync_with(&url, &token, &sopts).await?;
     let opts = SyncOptions {
         push_delay: Duration::ZERO,
-        ..Default::default()
+        ..sopts.clone()
     };
     let bg_a = a.start_sync(&url, &token, opts.clone());
     let bg_b = b.start_sync(&url, &token, opts);
@@ -542,13 +572,13 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     // 4. A fresh tablet of the seeded site downloads it (its households, the site and the
     // campaign), then reconnects with nothing new; then one holding every document does.
     let fresh = Replica::open(root.join("fresh"), writer("fresh"))?;
-    let first = fresh.sync(&url, &site_token).await?;
+    let first = fresh.sync_with(&url, &site_token, &sopts).await?;
     let docs = fresh.ledger().store().len()? as usize;
-    let again = fresh.sync(&url, &site_token).await?;
+    let again = fresh.sync_with(&url, &site_token, &sopts).await?;
     let whole = Replica::open(root.join("whole"), writer("whole"))?;
-    whole.sync(&url, &token).await?;
+    whole.sync_with(&url, &token, &sopts).await?;
     let whole_docs = whole.ledger().store().len()? as usize;
-    let whole_again = whole.sync(&url, &token).await?;
+    let whole_again = whole.sync_with(&url, &token, &sopts).await?;
     let (rss, cpu) = usage(pid);
 
     // 5. Poor link: the same registrations on a clean link, then over 2G with drops.
@@ -560,6 +590,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
                 &lan_token,
                 &edge_token,
                 args.poor_link_registrations,
+                &sopts,
             )
             .await?,
         )
@@ -574,10 +605,12 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             "households_per_tablet": args.households,
             "site_size": args.site_size,
             "latency_samples": args.latency_samples,
+            "sync_workers": workers,
         }),
         changes_per_second: pushed as f64 / push_seconds.max(1e-9),
         households_pushed: pushed,
         push_seconds,
+        push_server_cpu_seconds,
         latency_ms_p50: percentile(&lat, 0.5),
         latency_ms_p99: percentile(&lat, 0.99),
         initial_sync: Phase {
@@ -612,6 +645,7 @@ async fn poor_link(
     lan_token: &str,
     edge_token: &str,
     n: usize,
+    sopts: &SyncOptions,
 ) -> anyhow::Result<PoorLink> {
     let writer = |d: &str| Writer {
         enumerator: format!("enum-{d}"),
@@ -621,20 +655,20 @@ async fn poor_link(
     let edge = Replica::open(root.join("edge"), writer("edge"))?;
     // Reference data over the clean link for both, then a day's registrations offline.
     let url = &server.url;
-    lan.sync(url, lan_token).await?;
-    edge.sync(url, edge_token).await?;
+    lan.sync_with(url, lan_token, sopts).await?;
+    edge.sync_with(url, edge_token, sopts).await?;
     for i in 0..n {
         lan.ledger().register(household("BEN-LAN", 500_000 + i))?;
         edge.ledger().register(household("BEN-2G", 600_000 + i))?;
     }
-    let clean = lan.sync(url, lan_token).await?;
+    let clean = lan.sync_with(url, lan_token, sopts).await?;
     let proxy = crate::shaping::Proxy::start(server.addr, crate::shaping::Shape::edge()).await?;
     let via = format!("ws://{}/sync", proxy.addr);
     let started = Instant::now();
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match edge.sync(&via, edge_token).await {
+        match edge.sync_with(&via, edge_token, sopts).await {
             Ok(_) => break,
             Err(e) if attempts < 50 => {
                 tracing::debug!(error = %e, "poor-link sync dropped; retrying");

@@ -319,6 +319,10 @@ pub struct SyncOptions {
     pub push_delay: Duration,
     /// Which server certificates to accept on `wss://`.
     pub tls: TlsTrust,
+    /// Threads that apply the documents of one batch from the server at once, so that a
+    /// fresh tablet's download uses its cores; 1 applies them one by one. Defaults to the
+    /// cores available, at most 8.
+    pub workers: usize,
 }
 
 impl Default for SyncOptions {
@@ -331,6 +335,7 @@ impl Default for SyncOptions {
             max_backoff: Duration::from_secs(60),
             push_delay: Duration::from_millis(200),
             tls: TlsTrust::default(),
+            workers: relais_core::protocol::hub::HubConfig::default().workers,
         }
     }
 }
@@ -340,6 +345,7 @@ impl std::fmt::Debug for SyncOptions {
         f.debug_struct("SyncOptions")
             .field("idle_timeout", &self.idle_timeout)
             .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("workers", &self.workers)
             .finish()
     }
 }

@@ -121,6 +121,7 @@ pub(crate) async fn run(
             storage_id: Some(replica.peer_id().to_string()),
             // A tablet syncs every document it holds; do not evict mid-sync.
             max_loaded_docs: usize::MAX / 2,
+            workers: opts.workers.max(1),
             ..HubConfig::default()
         },
         store.clone(),

@@ -18,6 +18,9 @@ fn the_load_generator_runs_a_tiny_configuration() {
         "3",
         "--poor-link-registrations",
         "5",
+        // Batches applied on two threads on both ends, whatever the cores here.
+        "--sync-workers",
+        "2",
         "--json",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -28,7 +31,9 @@ fn the_load_generator_runs_a_tiny_configuration() {
     );
     let r: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(r["households_pushed"], 10);
+    assert_eq!(r["config"]["sync_workers"], 2);
     assert!(r["changes_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["push_server_cpu_seconds"].as_f64().unwrap() >= 0.0);
     assert!(r["latency_ms_p50"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
     // The downloaded site: its 20 households, the site and the campaign.
