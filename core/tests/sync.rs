@@ -889,9 +889,30 @@ fn from_menaka(tab: &Ledger, id: relais_core::DocumentId) {
     tab.update(id, &update).unwrap();
 }
 
+/// What a tablet pushes of a household the server has never seen: all its changes in the
+/// first message.
+fn first_push(
+    tab: &Ledger,
+    id: relais_core::DocumentId,
+) -> relais_core::protocol::message::BatchDoc {
+    use automerge::sync::SyncDoc;
+    let doc = tab.store().load(id).unwrap().unwrap().doc;
+    let mut st = automerge::sync::State::new();
+    st.their_heads = Some(vec![]);
+    st.their_need = Some(vec![]);
+    st.their_have = Some(vec![automerge::sync::Have {
+        last_sync: vec![],
+        bloom: Default::default(),
+    }]);
+    relais_core::protocol::message::BatchDoc {
+        document_id: id,
+        data: doc.generate_sync_message(&mut st).unwrap().encode(),
+        request: false,
+    }
+}
+
 #[test]
 fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
-    use automerge::sync::SyncDoc;
     use relais_core::protocol::message::{BatchDoc, PeerMetadata, PROTOCOL_RELAIS};
     let dir = tempfile::tempdir().unwrap();
     let office = ledger(dir.path(), "office");
@@ -899,22 +920,7 @@ fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
     let tab = ledger(dir.path(), "tab");
     seed(&tab);
     let ids: Vec<_> = register_names(&tab, &NAMES[..3]);
-    // What a tablet pushes: all of a household's changes in its first message.
-    let push = |id| {
-        let doc = tab.store().load(id).unwrap().unwrap().doc;
-        let mut st = automerge::sync::State::new();
-        st.their_heads = Some(vec![]);
-        st.their_need = Some(vec![]);
-        st.their_have = Some(vec![automerge::sync::Have {
-            last_sync: vec![],
-            bloom: Default::default(),
-        }]);
-        BatchDoc {
-            document_id: id,
-            data: doc.generate_sync_message(&mut st).unwrap().encode(),
-            request: false,
-        }
-    };
+    let push = |id| first_push(&tab, id);
     let batch = Message::SyncBatch {
         sender_id: "tab".into(),
         target_id: "s".into(),
@@ -957,7 +963,6 @@ fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
 
 #[test]
 fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
-    use automerge::sync::SyncDoc;
     use relais_core::protocol::message::{BatchDoc, PeerMetadata, PROTOCOL_RELAIS};
     let dir = tempfile::tempdir().unwrap();
     // The office already holds one household, which the tablet then edits.
@@ -974,22 +979,7 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
         .collect();
     let elsewhere = tab.register(new_household("GAO-01", "Elsewhere")).unwrap();
     let after_bad = tab.register(new_household("SOC-01", "After")).unwrap();
-    // What a tablet pushes: all of a household's changes in its first message.
-    let push = |id| {
-        let doc = tab.store().load(id).unwrap().unwrap().doc;
-        let mut st = automerge::sync::State::new();
-        st.their_heads = Some(vec![]);
-        st.their_need = Some(vec![]);
-        st.their_have = Some(vec![automerge::sync::Have {
-            last_sync: vec![],
-            bloom: Default::default(),
-        }]);
-        BatchDoc {
-            document_id: id,
-            data: doc.generate_sync_message(&mut st).unwrap().encode(),
-            request: false,
-        }
-    };
+    let push = |id| first_push(&tab, id);
     let mut docs: Vec<BatchDoc> = fresh.iter().map(|id| push(*id)).collect();
     docs.insert(3, push(edited));
     // Out of the device's scope: refused after it was applied.
