@@ -246,6 +246,19 @@ fn two_tablets_converge_through_a_server_and_reconnect_cheaply() {
     }
 }
 
+/// An enumerator's tablet whose token covers site SOC-01 only.
+fn soc01_enumerator() -> Identity {
+    Identity {
+        device: "tab-mopti-07".into(),
+        role: Role::Enumerator,
+        scope: Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        },
+        former: None,
+    }
+}
+
 #[test]
 fn scoped_device_gets_only_its_sites_and_cannot_probe() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,15 +271,7 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
         .register(new_household("GAO-01", "Out of scope"))
         .unwrap();
     let tab = ledger(dir.path(), "tab");
-    let who = Identity {
-        device: "tab-mopti-07".into(),
-        role: Role::Enumerator,
-        scope: Scope {
-            regions: vec![],
-            sites: vec!["SOC-01".into()],
-        },
-        former: None,
-    };
+    let who = soc01_enumerator();
     let mut link = Link::new(shared(&tab), shared(&office), who.clone(), (0, 0));
     link.run();
     assert!(link.synced().is_some());
@@ -1007,15 +1012,7 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
         target_id: "s".into(),
         docs,
     };
-    let who = Identity {
-        device: "tab-mopti-07".into(),
-        role: Role::Enumerator,
-        scope: Scope {
-            regions: vec![],
-            sites: vec!["SOC-01".into()],
-        },
-        former: None,
-    };
+    let who = soc01_enumerator();
     // Neither step is committed, so both hubs start from the same store.
     let run = |workers: usize| {
         let cfg = HubConfig {
