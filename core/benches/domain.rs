@@ -186,6 +186,30 @@ fn site_of_5000(c: &mut Criterion) {
     g.finish();
 }
 
+/// Reading a stored household's record, as the hub does for access control on every document
+/// it takes: autosurgeon straight on the document (a seek per field), against
+/// `document::describe`, which reads each object once.
+fn describe_household(c: &mut Criterion) {
+    use relais_core::document::{describe, RECORD};
+    use relais_core::household::Household;
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "describe");
+    let id = l.register(new_household(7)).unwrap();
+    l.distribute(id, "JP-2023", "nfi-kit", 1).unwrap();
+    let doc = l.store().load(id).unwrap().unwrap().doc;
+    let mut g = c.benchmark_group("describe_household");
+    g.bench_function("autosurgeon_on_document", |b| {
+        b.iter(|| {
+            let h: Household = autosurgeon::hydrate_prop(&doc, automerge::ROOT, RECORD).unwrap();
+            h.site.len()
+        })
+    });
+    g.bench_function("describe", |b| {
+        b.iter(|| describe(&doc, &mut |_| None).sites.len())
+    });
+    g.finish();
+}
+
 /// Possible duplicates among 100,000 households nationally: names drawn from common Malian
 /// given and family names (so blocks are realistically crowded), 1% registered twice with a
 /// different spelling.
@@ -368,6 +392,7 @@ criterion_group!(
     merge_remote_change,
     hub_push_batch,
     site_of_5000,
+    describe_household,
     duplicates_100k
 );
 criterion_main!(benches);

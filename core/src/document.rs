@@ -15,6 +15,7 @@ use automerge::{transaction::Transactable, Automerge, ObjId, ReadDoc, ScalarValu
 use autosurgeon::{hydrate_prop, Hydrate};
 use serde::{Deserialize, Serialize};
 
+use crate::read_once::ReadOnce;
 use crate::{campaign::Campaign, household::Household, household::Status, site::Site};
 
 /// Root key naming the kind of a document.
@@ -98,7 +99,11 @@ pub enum DocError {
 
 /// Reads the kind of a document.
 pub fn kind_of(doc: &impl automerge::ReadDoc) -> DocKind {
-    match doc.get(ROOT, KIND) {
+    kind_from(doc.get(ROOT, KIND))
+}
+
+fn kind_from(found: Result<Option<(Value<'_>, ObjId)>, automerge::AutomergeError>) -> DocKind {
+    match found {
         Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
             ScalarValue::Str(k) => match k.as_str() {
                 "site" => DocKind::Site,
@@ -112,15 +117,27 @@ pub fn kind_of(doc: &impl automerge::ReadDoc) -> DocKind {
     }
 }
 
+/// The kind of the document behind `view`, read through it so that the root is read once.
+fn kind_in(view: &ReadOnce<'_, Automerge>) -> DocKind {
+    kind_from(autosurgeon::ReadDoc::get(view, &ROOT, KIND))
+}
+
 fn read_record<T: Hydrate>(doc: &Automerge, kind: DocKind) -> Result<T, DocError> {
-    let found = kind_of(doc);
+    read_record_in(&ReadOnce::new(doc), kind)
+}
+
+fn read_record_in<T: Hydrate>(
+    view: &ReadOnce<'_, Automerge>,
+    kind: DocKind,
+) -> Result<T, DocError> {
+    let found = kind_in(view);
     if found != kind {
         return Err(DocError::WrongKind {
             expected: kind.as_str(),
             found: found.as_str(),
         });
     }
-    hydrate_prop(doc, ROOT, RECORD).map_err(|source| DocError::Malformed {
+    hydrate_prop(view, ROOT, RECORD).map_err(|source| DocError::Malformed {
         kind: kind.as_str(),
         source: Box::new(source),
     })
@@ -167,9 +184,10 @@ pub fn ensure_map<Tx: Transactable + ReadDoc>(
 /// Describes a document for the store and for access control. `region_of` maps a site code to
 /// its region, where the caller knows it.
 pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<String>) -> DocInfo {
-    let kind = kind_of(doc);
+    let view = ReadOnce::new(doc);
+    let kind = kind_in(&view);
     let (sites, erased) = match kind {
-        DocKind::Site => match read_site(doc) {
+        DocKind::Site => match read_record_in::<Site>(&view, kind) {
             Ok(s) => {
                 let region = s.admin1.clone();
                 return DocInfo {
@@ -181,11 +199,11 @@ pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<Strin
             }
             Err(_) => (Vec::new(), false),
         },
-        DocKind::Household => match read_household(doc) {
+        DocKind::Household => match read_record_in::<Household>(&view, kind) {
             Ok(h) => (vec![h.site], h.status == Status::Erased),
             Err(_) => (Vec::new(), false),
         },
-        DocKind::Campaign => match read_campaign(doc) {
+        DocKind::Campaign => match read_record_in::<Campaign>(&view, kind) {
             Ok(c) => (c.sites, false),
             Err(_) => (Vec::new(), false),
         },

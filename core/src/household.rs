@@ -277,7 +277,7 @@ pub fn parse_members(s: &str) -> Result<Vec<Member>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Household {

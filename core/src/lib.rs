@@ -70,6 +70,7 @@ pub mod id;
 pub mod ledger;
 pub mod names;
 pub mod protocol;
+mod read_once;
 pub mod report;
 pub mod site;
 pub mod store;
