@@ -389,7 +389,8 @@ impl Store {
     /// last committed state: nothing committed is lost, and writes work again once there is
     /// room. If the file cannot be opened yet (still no room, or a transaction begun before
     /// still holds the old handle), every call fails with [`StoreError::Closed`] until a
-    /// later `reopen` succeeds.
+    /// later `reopen` succeeds: any read or write tries one by itself, at most every
+    /// [`REOPEN_EVERY`].
     pub fn reopen(&self) -> Result<(), StoreError> {
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         // The old handle must be gone first: redb locks the file while it is open.
@@ -412,16 +413,12 @@ impl Store {
     /// with [`StoreError::Closed`].
     fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
         // The guard must be gone before a reopen, which takes the lock exclusively: it is
-        // dropped at the end of the match.
-        match self.db() {
-            Ok(db) => match db.begin_write() {
-                Ok(txn) => return Ok(txn),
-                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
-                Err(e) => return Err(e.into()),
-            },
-            // A reopen that failed earlier: try again.
-            Err(StoreError::Closed) => {}
-            Err(e) => return Err(e),
+        // dropped at the end of the match. A reopen that failed earlier was retried by
+        // `db` already.
+        match self.db()?.begin_write() {
+            Ok(txn) => return Ok(txn),
+            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
+            Err(e) => return Err(e.into()),
         }
         self.recover()?;
         let db = self.db()?;
@@ -446,7 +443,19 @@ impl Store {
         }
     }
 
+    /// The open database. After a reopen that failed, reads as well as writes try again (at
+    /// most every [`REOPEN_EVERY`]), so that a process that only reads meanwhile (a server
+    /// answering reconnects with nothing new) comes back by itself once the file opens.
     fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        {
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if guard.is_some() {
+                return Ok(DbGuard(guard));
+            }
+        }
+        // `recover` logs why the file does not open; the caller hears `Closed`, as the
+        // docs of `reopen` say.
+        self.recover().map_err(|_| StoreError::Closed)?;
         let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             return Err(StoreError::Closed);

@@ -400,6 +400,30 @@ fn a_store_that_cannot_be_reopened_reports_closed_until_it_can() {
     assert_eq!(l.store().last_seq().unwrap(), 0);
 }
 
+#[test]
+fn a_store_that_opens_again_serves_reads_without_waiting_for_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let path = dir.path().join("tab.redb");
+    let seq = l.store().last_seq().unwrap();
+    let stored = l.store().len().unwrap();
+    // The file is moved aside and something redb cannot open takes its place.
+    let aside = dir.path().join("aside.redb");
+    std::fs::rename(&path, &aside).unwrap();
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    assert!(l.store().reopen().is_err());
+    assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
+    // The file comes back. Nothing is written: a read alone must find it again, once the
+    // interval between two attempts has passed.
+    std::fs::rename(&aside, &path).unwrap();
+    assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
+    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    assert_eq!(l.store().last_seq().unwrap(), seq);
+    assert_eq!(l.store().len().unwrap(), stored);
+    assert!(stored > 0);
+}
+
 /// Child half of the full-disk test: runs with SIGXFSZ ignored, caps its own file size
 /// (`prlimit --pid`), writes until the store refuses, lifts the cap, and writes again in the
 /// same process. Run only by `a_store_writes_again_once_the_disk_has_room`.

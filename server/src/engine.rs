@@ -332,7 +332,9 @@ fn run(
             }
             metrics.changes_merged.inc_by(step.merges);
         }
-        // After the commit: what the upstream said is now durable here.
+        // After the commit: what the upstream said is now durable here. The cursors it
+        // moves are written once, below, with what this round confirmed.
+        let mut synced: Option<upstream::Cursors> = None;
         for event in std::mem::take(&mut step.events) {
             match event {
                 Event::Synced {
@@ -340,20 +342,13 @@ fn run(
                     remote_cursor,
                     local_cursor,
                     peer,
-                } => {
-                    if let Some(u) = upstream.as_ref().filter(|u| u.conn == conn) {
-                        let c = upstream::Cursors {
-                            peer: Some(peer),
-                            remote: remote_cursor,
-                            local: local_cursor,
-                            at_ms: Some(relais_core::audit::now_ms()),
-                        };
-                        if let Err(e) = upstream::save_cursors(&store, &u.url, &c) {
-                            tracing::warn!(error = %e, "could not save upstream cursors");
-                        } else {
-                            tracing::info!(remote_cursor, local_cursor, "in sync with upstream");
-                        }
-                    }
+                } if upstream.as_ref().is_some_and(|u| u.conn == conn) => {
+                    synced = Some(upstream::Cursors {
+                        peer: Some(peer),
+                        remote: remote_cursor,
+                        local: local_cursor,
+                        at_ms: Some(relais_core::audit::now_ms()),
+                    });
                 }
                 Event::Purge { id, erased, .. } => {
                     let (s, seq) = purge_from_upstream(&store, &mut hub, id, erased);
@@ -365,18 +360,8 @@ fn run(
                 _ => {}
             }
         }
-        if let (Some(u), false) = (&upstream, confirmed_upstream.is_empty()) {
-            // The hub's cursor at `Synced` is the store's before this round's commit: move
-            // it over what came from upstream in this round, or those documents would count
-            // as not yet confirmed until the next full sync.
-            let mut c = upstream::load_cursors(&store, &u.url);
-            let next = advance_cursor(c.local, &confirmed_upstream);
-            if next > c.local && c.peer.is_some() {
-                c.local = next;
-                if let Err(e) = upstream::save_cursors(&store, &u.url, &c) {
-                    tracing::warn!(error = %e, "could not save upstream cursors");
-                }
-            }
+        if let Some(u) = &upstream {
+            save_upstream_cursors(&store, &u.url, synced, &confirmed_upstream);
         }
         if let (Some(l), Some(u)) = (&link, &upstream) {
             l.set_awaiting(hub.awaiting(u.conn));
@@ -436,4 +421,40 @@ fn run(
         metrics.loaded_documents.set(hub.loaded_docs() as i64);
     }
     tracing::debug!("engine stopped");
+}
+
+/// Writes the upstream cursors once for a round: those of a full sync that ended in it, if
+/// any, moved over the feed sequences of what this round took from upstream. The hub's
+/// cursor at `Synced` is the store's before this round's commit; without the move, those
+/// documents would count as not yet confirmed until the next full sync.
+fn save_upstream_cursors(
+    store: &Store,
+    url: &str,
+    synced: Option<upstream::Cursors>,
+    confirmed: &[u64],
+) {
+    let in_sync = synced.is_some();
+    if !in_sync && confirmed.is_empty() {
+        return;
+    }
+    let mut c = synced.unwrap_or_else(|| upstream::load_cursors(store, url));
+    let next = advance_cursor(c.local, confirmed);
+    let moved = next > c.local && c.peer.is_some();
+    if moved {
+        c.local = next;
+    }
+    if !in_sync && !moved {
+        return;
+    }
+    match upstream::save_cursors(store, url, &c) {
+        Err(e) => tracing::warn!(error = %e, "could not save upstream cursors"),
+        Ok(()) if in_sync => {
+            tracing::info!(
+                remote_cursor = c.remote,
+                local_cursor = c.local,
+                "in sync with upstream"
+            )
+        }
+        Ok(()) => {}
+    }
 }
