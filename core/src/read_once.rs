@@ -152,24 +152,26 @@ impl<D: ReadDoc> ReadDoc for ReadOnce<'_, D> {
 
 #[cfg(test)]
 mod tests {
-    use automerge::transaction::Transactable;
-    use automerge::{ActorId, Automerge, ReadDoc as _, ScalarValue, ROOT};
+    use automerge::transaction::{Transactable, Transaction};
+    use automerge::{ActorId, Automerge, ObjId, ReadDoc as _, ScalarValue, ROOT};
     use autosurgeon::hydrate_prop;
     use proptest::prelude::*;
 
     use super::ReadOnce;
+    use crate::campaign::{Campaign, Entitlement};
     use crate::document::{put_record, DocKind, RECORD};
     use crate::household::{tests::sample, Household};
+    use crate::site::{Site, SiteKind};
 
-    /// Where an edit lands: the root, the record, the provenance, the status or a member.
+    /// Where an edit lands: the root, the record, a map in it, a list in it, or an element of
+    /// a list.
     #[derive(Debug, Clone)]
     enum Target {
         Root,
         Record,
-        Registered,
-        Status,
-        Member(usize),
-        Members,
+        Map(&'static str),
+        List(&'static str),
+        Elem(&'static str, usize),
     }
 
     #[derive(Debug, Clone)]
@@ -177,10 +179,13 @@ mod tests {
         Put(Target, &'static str, ScalarValue),
         PutObject(Target, &'static str, automerge::ObjType),
         Delete(Target, &'static str),
-        InsertMember(usize),
-        DeleteMember(usize),
+        /// Overwrites a list element in place: concurrent ones conflict.
+        PutAt(&'static str, usize, ScalarValue),
+        InsertMap(&'static str, usize),
+        DeleteAt(&'static str, usize),
     }
 
+    /// Field names of the three records and their parts, and one no record has.
     const KEYS: &[&str] = &[
         "kind",
         "record",
@@ -195,22 +200,39 @@ mod tests {
         "status",
         "registered",
         "enumerator",
+        "device",
         "at",
         "sex",
         "age",
         "duplicate-of",
+        "code",
+        "name",
+        "admin1",
+        "admin3",
+        "donor",
+        "items",
+        "sites",
+        "item",
+        "quantity",
         "extra",
     ];
+    const LISTS: &[&str] = &["members", "vulnerabilities", "items", "sites"];
+    const MAPS: &[&str] = &["registered", "status"];
 
     fn scalar() -> impl Strategy<Value = ScalarValue> {
         prop_oneof![
-            prop::sample::select(vec!["BEN-01", "F", "M", "idp", "active", "erased", "x"])
-                .prop_map(|s| ScalarValue::Str(s.into())),
+            prop::sample::select(vec![
+                "BEN-01", "F", "M", "idp", "active", "erased", "widow", "Mopti", "x"
+            ])
+            .prop_map(|s| ScalarValue::Str(s.into())),
             (-3i64..200).prop_map(ScalarValue::Int),
             (0u64..200).prop_map(ScalarValue::Uint),
             Just(ScalarValue::Null),
             any::<bool>().prop_map(ScalarValue::Boolean),
             Just(ScalarValue::F64(2.5)),
+            (0i64..5).prop_map(ScalarValue::counter),
+            Just(ScalarValue::Timestamp(1_700_000_000_000)),
+            Just(ScalarValue::Bytes(vec![1, 2])),
         ]
     }
 
@@ -218,46 +240,49 @@ mod tests {
         prop_oneof![
             Just(Target::Root),
             Just(Target::Record),
-            Just(Target::Registered),
-            Just(Target::Status),
-            (0usize..4).prop_map(Target::Member),
-            Just(Target::Members),
+            prop::sample::select(MAPS).prop_map(Target::Map),
+            prop::sample::select(LISTS).prop_map(Target::List),
+            (prop::sample::select(LISTS), 0usize..4).prop_map(|(l, i)| Target::Elem(l, i)),
         ]
     }
 
     fn edit() -> impl Strategy<Value = Edit> {
         let key = prop::sample::select(KEYS);
+        let list = prop::sample::select(LISTS);
         let obj = prop::sample::select(vec![
             automerge::ObjType::Map,
             automerge::ObjType::List,
             automerge::ObjType::Text,
+            automerge::ObjType::Table,
         ]);
         prop_oneof![
             4 => (target(), key.clone(), scalar()).prop_map(|(t, k, v)| Edit::Put(t, k, v)),
             1 => (target(), key.clone(), obj).prop_map(|(t, k, o)| Edit::PutObject(t, k, o)),
             1 => (target(), key).prop_map(|(t, k)| Edit::Delete(t, k)),
-            1 => (0usize..4).prop_map(Edit::InsertMember),
-            1 => (0usize..4).prop_map(Edit::DeleteMember),
+            2 => (list.clone(), 0usize..4, scalar()).prop_map(|(l, i, v)| Edit::PutAt(l, i, v)),
+            1 => (list.clone(), 0usize..4).prop_map(|(l, i)| Edit::InsertMap(l, i)),
+            1 => (list, 0usize..4).prop_map(|(l, i)| Edit::DeleteAt(l, i)),
         ]
+    }
+
+    fn child(tx: &Transaction<'_>, parent: &ObjId, key: &str) -> Option<ObjId> {
+        tx.get(parent, key).ok().flatten().map(|(_, o)| o)
     }
 
     fn apply(doc: &mut Automerge, edits: &[Edit]) {
         let mut tx = doc.transaction();
         for e in edits {
             // Edits whose target is gone or of another kind fail; that is part of the mix.
-            let Ok(Some((_, record))) = tx.get(ROOT, RECORD) else {
+            let Some(record) = child(&tx, &ROOT, RECORD) else {
                 continue;
             };
-            let members = tx.get(&record, "members").ok().flatten().map(|(_, o)| o);
-            let obj = |tx: &automerge::transaction::Transaction<'_>, t: &Target| match t {
+            let obj = |tx: &Transaction<'_>, t: &Target| match t {
                 Target::Root => Some(ROOT),
                 Target::Record => Some(record.clone()),
-                Target::Registered => tx.get(&record, "registered").ok().flatten().map(|v| v.1),
-                Target::Status => tx.get(&record, "status").ok().flatten().map(|v| v.1),
-                Target::Members => members.clone(),
-                Target::Member(i) => members
-                    .as_ref()
-                    .and_then(|m| tx.get(m, *i).ok().flatten().map(|v| v.1)),
+                Target::Map(k) | Target::List(k) => child(tx, &record, k),
+                Target::Elem(l, i) => {
+                    child(tx, &record, l).and_then(|l| tx.get(&l, *i).ok().flatten().map(|v| v.1))
+                }
             };
             match e {
                 Edit::Put(t, k, v) => {
@@ -275,17 +300,24 @@ mod tests {
                         let _ = tx.delete(&o, *k);
                     }
                 }
-                Edit::InsertMember(i) => {
-                    if let Some(m) = &members {
-                        if let Ok(o) = tx.insert_object(m, *i, automerge::ObjType::Map) {
-                            let _ = tx.put(&o, "sex", "F");
-                            let _ = tx.put(&o, "age", 30u64);
+                Edit::PutAt(l, i, v) => {
+                    if let Some(o) = child(&tx, &record, l) {
+                        let _ = tx.put(&o, *i, v.clone());
+                    }
+                }
+                Edit::InsertMap(l, i) => {
+                    if let Some(o) = child(&tx, &record, l) {
+                        if let Ok(m) = tx.insert_object(&o, *i, automerge::ObjType::Map) {
+                            let _ = tx.put(&m, "sex", "F");
+                            let _ = tx.put(&m, "age", 30u64);
+                            let _ = tx.put(&m, "item", "nfi-kit");
+                            let _ = tx.put(&m, "quantity", 1u64);
                         }
                     }
                 }
-                Edit::DeleteMember(i) => {
-                    if let Some(m) = &members {
-                        let _ = tx.delete(m, *i);
+                Edit::DeleteAt(l, i) => {
+                    if let Some(o) = child(&tx, &record, l) {
+                        let _ = tx.delete(&o, *i);
                     }
                 }
             }
@@ -293,45 +325,99 @@ mod tests {
         tx.commit();
     }
 
-    fn both(doc: &Automerge) -> (String, String) {
-        let direct: Result<Household, _> = hydrate_prop(doc, ROOT, RECORD);
-        let once: Result<Household, _> = hydrate_prop(&ReadOnce::new(doc), ROOT, RECORD);
-        (format!("{direct:?}"), format!("{once:?}"))
+    fn site() -> Site {
+        Site {
+            code: "SOC-01".into(),
+            name: "Socoura".into(),
+            kind: SiteKind::OfficialSite,
+            admin1: "Mopti".into(),
+            admin2: "Mopti".into(),
+            admin3: None,
+        }
+    }
+
+    fn campaign() -> Campaign {
+        Campaign {
+            code: "JP-2023".into(),
+            name: "Responding to the needs of IDPs".into(),
+            donor: None,
+            start: Some("2023-07-01".into()),
+            end: None,
+            items: vec![Entitlement {
+                item: "nfi-kit".into(),
+                quantity: 1,
+            }],
+            sites: vec!["SOC-01".into(), "BEN-01".into()],
+        }
+    }
+
+    /// The record hydrated from the document itself and through the view, as text (an
+    /// error included), for each record type.
+    fn both(doc: &Automerge) -> Vec<(String, String)> {
+        fn pair<T: autosurgeon::Hydrate + std::fmt::Debug>(doc: &Automerge) -> (String, String) {
+            let direct: Result<T, _> = hydrate_prop(doc, ROOT, RECORD);
+            let once: Result<T, _> = hydrate_prop(&ReadOnce::new(doc), ROOT, RECORD);
+            (format!("{direct:?}"), format!("{once:?}"))
+        }
+        vec![
+            pair::<Household>(doc),
+            pair::<Site>(doc),
+            pair::<Campaign>(doc),
+        ]
+    }
+
+    fn start(kind: u8) -> Automerge {
+        let mut doc = Automerge::new().with_actor(ActorId::from(b"aaaa".as_slice()));
+        let mut tx = doc.transaction();
+        match kind {
+            0 => put_record(&mut tx, DocKind::Household, &sample()),
+            1 => put_record(&mut tx, DocKind::Site, &site()),
+            _ => put_record(&mut tx, DocKind::Campaign, &campaign()),
+        }
+        .unwrap();
+        tx.commit();
+        doc
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(400))]
         /// Reading through the view gives what reading the document gives, record or error,
-        /// for records edited out of shape, and for concurrent edits that conflict.
+        /// for households, sites and campaigns edited out of shape, and for concurrent edits
+        /// that conflict (on map keys and on list elements).
         #[test]
         fn reads_what_the_document_reads(
+            kind in 0u8..3,
             ours in prop::collection::vec(edit(), 0..8),
             theirs in prop::collection::vec(edit(), 0..8),
         ) {
-            let mut doc = Automerge::new().with_actor(ActorId::from(b"aaaa".as_slice()));
-            {
-                let mut tx = doc.transaction();
-                put_record(&mut tx, DocKind::Household, &sample()).unwrap();
-                tx.commit();
-            }
+            let mut doc = start(kind);
             let mut other = doc.fork().with_actor(ActorId::from(b"bbbb".as_slice()));
             apply(&mut doc, &ours);
             apply(&mut other, &theirs);
             doc.merge(&mut other).unwrap();
-            let (direct, once) = both(&doc);
-            prop_assert_eq!(direct, once);
+            for (direct, once) in both(&doc) {
+                prop_assert_eq!(direct, once);
+            }
+            // And after a save and load, as the store hands documents to `describe`.
+            let loaded = Automerge::load(&doc.save()).unwrap();
+            for (direct, once) in both(&loaded) {
+                prop_assert_eq!(direct, once);
+            }
         }
     }
 
     #[test]
-    fn a_stored_record_reads_the_same_and_whole() {
-        let mut doc = Automerge::new();
-        let mut tx = doc.transaction();
-        put_record(&mut tx, DocKind::Household, &sample()).unwrap();
-        tx.commit();
-        let once: Household = hydrate_prop(&ReadOnce::new(&doc), ROOT, RECORD).unwrap();
+    fn stored_records_read_the_same_and_whole() {
+        let once: Household = hydrate_prop(&ReadOnce::new(&start(0)), ROOT, RECORD).unwrap();
         assert_eq!(once, sample());
-        let (direct, once) = both(&doc);
-        assert_eq!(direct, once);
+        let once: Site = hydrate_prop(&ReadOnce::new(&start(1)), ROOT, RECORD).unwrap();
+        assert_eq!(once, site());
+        let once: Campaign = hydrate_prop(&ReadOnce::new(&start(2)), ROOT, RECORD).unwrap();
+        assert_eq!(once, campaign());
+        for kind in 0..3 {
+            for (direct, once) in both(&start(kind)) {
+                assert_eq!(direct, once);
+            }
+        }
     }
 }

@@ -431,6 +431,12 @@ impl Store {
             return Err(StoreError::Closed);
         }
         *last = Some(Instant::now());
+        // A file that is gone (a volume not mounted, a path removed) is not replaced by an
+        // empty store behind the caller's back: that would serve nothing as if it were all.
+        if !self.path.exists() {
+            tracing::error!(path = %self.path.display(), "the store's file is missing; not reopening it");
+            return Err(StoreError::Closed);
+        }
         match self.reopen() {
             Ok(()) => {
                 tracing::warn!(path = %self.path.display(), "store reopened after a storage failure");
@@ -454,8 +460,9 @@ impl Store {
             }
         }
         // `recover` logs why the file does not open; the caller hears `Closed`, as the
-        // docs of `reopen` say.
-        self.recover().map_err(|_| StoreError::Closed)?;
+        // docs of `reopen` say. Another thread may have reopened it meanwhile, in which case
+        // this one's attempt was skipped: look again either way.
+        let _ = self.recover();
         let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             return Err(StoreError::Closed);
@@ -517,6 +524,17 @@ impl Store {
         audit: &[AuditEntry],
     ) -> Result<Vec<u64>, StoreError> {
         self.commit_all(writes, audit, &[])
+    }
+
+    /// Like [`Store::commit`], and saves sync states (as [`Store::put_sync_states`]) in the
+    /// same transaction: one disk flush for a server's round.
+    pub fn commit_with_states(
+        &self,
+        writes: &[DocWrite],
+        audit: &[AuditEntry],
+        states: &[(String, DocumentId, Vec<u8>)],
+    ) -> Result<Vec<u64>, StoreError> {
+        self.commit_all(writes, audit, states)
     }
 
     /// Like [`Store::write`], and saves sync states (as [`Store::put_sync_states`]) in the

@@ -424,6 +424,32 @@ fn a_store_that_opens_again_serves_reads_without_waiting_for_a_write() {
     assert!(stored > 0);
 }
 
+#[test]
+fn a_store_whose_file_is_gone_stays_closed_rather_than_starting_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), "tab");
+    seed(&l);
+    let path = dir.path().join("tab.redb");
+    let aside = dir.path().join("aside.redb");
+    // A failed reopen while the file is away (a volume that came unmounted).
+    std::fs::rename(&path, &aside).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    assert!(l.store().reopen().is_err());
+    std::fs::remove_dir(&path).unwrap();
+    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    // Reads and writes retry, but do not put an empty store where the file was.
+    assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
+    assert!(l.register(new_household("SOC-01", "Refused")).is_err());
+    assert!(
+        !path.exists(),
+        "an empty store was created in place of the missing file"
+    );
+    // The file comes back: so does everything in it.
+    std::fs::rename(&aside, &path).unwrap();
+    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    assert!(l.store().last_seq().unwrap() > 0);
+}
+
 /// Child half of the full-disk test: runs with SIGXFSZ ignored, caps its own file size
 /// (`prlimit --pid`), writes until the store refuses, lifts the cap, and writes again in the
 /// same process. Run only by `a_store_writes_again_once_the_disk_has_room`.

@@ -305,7 +305,10 @@ fn run(
         // it sent, now identical on both sides, and the purges it asked for).
         let mut confirmed_upstream = Vec::new();
         if !step.writes.is_empty() || !step.audit.is_empty() {
-            let seqs = store.commit(&step.writes, &step.audit);
+            // Sync states this round produced so far (peers that left, documents the upstream
+            // confirmed) ride in the same transaction: one flush instead of two.
+            let states = hub.take_sync_states();
+            let seqs = store.commit_with_states(&step.writes, &step.audit, &states);
             if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
                 confirmed_upstream = seqs
                     .iter()
@@ -407,6 +410,8 @@ fn run(
             }
         }
         hub.evict();
+        // What is left: states of a round that wrote nothing, and of documents evicted or
+        // connections dropped after the commit.
         let states = hub.take_sync_states();
         if let Err(e) = store.put_sync_states(&states) {
             // Only a cost: the peer's next session starts its exchange from scratch.
