@@ -334,12 +334,7 @@ fn hub_push_batch(c: &mut Criterion) {
             let doc = tab.store().load(id).unwrap().unwrap().doc;
             // What a tablet sends first for a document the server has never seen.
             let mut st = automerge::sync::State::new();
-            st.their_heads = Some(vec![]);
-            st.their_need = Some(vec![]);
-            st.their_have = Some(vec![automerge::sync::Have {
-                last_sync: vec![],
-                bloom: Default::default(),
-            }]);
+            relais_core::protocol::hub::assume_remote_holds(&mut st, vec![]);
             BatchDoc {
                 document_id: id,
                 data: doc.generate_sync_message(&mut st).unwrap().encode(),

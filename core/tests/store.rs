@@ -400,25 +400,61 @@ fn a_store_that_cannot_be_reopened_reports_closed_until_it_can() {
     assert_eq!(l.store().last_seq().unwrap(), 0);
 }
 
-#[test]
-fn a_store_that_opens_again_serves_reads_without_waiting_for_a_write() {
+/// A seeded store whose file was moved aside, with `block` put in its place (something
+/// redb cannot open), and the reopen that then failed.
+struct FileAside {
+    l: relais_core::ledger::Ledger,
+    path: std::path::PathBuf,
+    aside: std::path::PathBuf,
+    /// The feed sequence and the number of documents before the file went.
+    seq: u64,
+    stored: u64,
+    /// Bound by each test (as `_dir`): the directory goes when it is dropped.
+    _dir: tempfile::TempDir,
+}
+
+fn file_aside(block: impl FnOnce(&std::path::Path)) -> FileAside {
     let dir = tempfile::tempdir().unwrap();
     let l = ledger(dir.path(), "tab");
     seed(&l);
     let path = dir.path().join("tab.redb");
-    let seq = l.store().last_seq().unwrap();
-    let stored = l.store().len().unwrap();
-    // The file is moved aside and something redb cannot open takes its place.
     let aside = dir.path().join("aside.redb");
+    let (seq, stored) = (l.store().last_seq().unwrap(), l.store().len().unwrap());
     std::fs::rename(&path, &aside).unwrap();
-    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    block(&path);
     assert!(l.store().reopen().is_err());
+    FileAside {
+        l,
+        path,
+        aside,
+        seq,
+        stored,
+        _dir: dir,
+    }
+}
+
+/// Long enough for the store to try reopening its file again by itself.
+fn after_the_retry_interval() {
+    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+}
+
+#[test]
+fn a_store_that_opens_again_serves_reads_without_waiting_for_a_write() {
+    // Something redb cannot open takes the file's place.
+    let FileAside {
+        l,
+        path,
+        aside,
+        seq,
+        stored,
+        _dir,
+    } = file_aside(|p| std::fs::write(p, vec![0x5a; 8192]).unwrap());
     assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
     // The file comes back. Nothing is written: a read alone must find it again, once the
     // interval between two attempts has passed.
     std::fs::rename(&aside, &path).unwrap();
     assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
-    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    after_the_retry_interval();
     assert_eq!(l.store().last_seq().unwrap(), seq);
     assert_eq!(l.store().len().unwrap(), stored);
     assert!(stored > 0);
@@ -426,17 +462,16 @@ fn a_store_that_opens_again_serves_reads_without_waiting_for_a_write() {
 
 #[test]
 fn a_store_whose_file_is_gone_stays_closed_rather_than_starting_empty() {
-    let dir = tempfile::tempdir().unwrap();
-    let l = ledger(dir.path(), "tab");
-    seed(&l);
-    let path = dir.path().join("tab.redb");
-    let aside = dir.path().join("aside.redb");
     // A failed reopen while the file is away (a volume that came unmounted).
-    std::fs::rename(&path, &aside).unwrap();
-    std::fs::create_dir(&path).unwrap();
-    assert!(l.store().reopen().is_err());
+    let FileAside {
+        l,
+        path,
+        aside,
+        _dir,
+        ..
+    } = file_aside(|p| std::fs::create_dir(p).unwrap());
     std::fs::remove_dir(&path).unwrap();
-    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    after_the_retry_interval();
     // Reads and writes retry, but do not put an empty store where the file was.
     assert!(matches!(l.store().last_seq(), Err(StoreError::Closed)));
     assert!(l.register(new_household("SOC-01", "Refused")).is_err());
@@ -446,7 +481,7 @@ fn a_store_whose_file_is_gone_stays_closed_rather_than_starting_empty() {
     );
     // The file comes back: so does everything in it.
     std::fs::rename(&aside, &path).unwrap();
-    std::thread::sleep(REOPEN_EVERY + std::time::Duration::from_millis(200));
+    after_the_retry_interval();
     assert!(l.store().last_seq().unwrap() > 0);
 }
 

@@ -903,12 +903,7 @@ fn first_push(
     use automerge::sync::SyncDoc;
     let doc = tab.store().load(id).unwrap().unwrap().doc;
     let mut st = automerge::sync::State::new();
-    st.their_heads = Some(vec![]);
-    st.their_need = Some(vec![]);
-    st.their_have = Some(vec![automerge::sync::Have {
-        last_sync: vec![],
-        bloom: Default::default(),
-    }]);
+    relais_core::protocol::hub::assume_remote_holds(&mut st, vec![]);
     relais_core::protocol::message::BatchDoc {
         document_id: id,
         data: doc.generate_sync_message(&mut st).unwrap().encode(),

@@ -92,9 +92,9 @@ pub struct Report {
     pub households_pushed: usize,
     /// Seconds that phase took.
     pub push_seconds: f64,
-    /// CPU time (user + system) the server used in that phase, seconds. The tablets run on
-    /// the same machine, so `households_pushed` over this is what the server alone could
-    /// merge per second on one core of its own.
+    /// CPU time (user + system) the server used in that phase, seconds, all its threads
+    /// together. The tablets run on the same machine, so `households_pushed` over this is
+    /// what the server alone merges per CPU-second.
     pub push_server_cpu_seconds: f64,
     /// Handout on A to visible on B, milliseconds.
     pub latency_ms_p50: f64,

@@ -458,6 +458,19 @@ pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
 /// grow automerge's queue.
 pub const MAX_UNAPPLIED: u32 = 64;
 
+/// Sets a sync state as if the remote held exactly `heads` and had asked for nothing, so
+/// that the next message carries every change after them in one trip (for a document the
+/// remote has never seen, `heads` is empty: all its changes). Were the assumption wrong, the
+/// remote's reply says what it lacks, as after any bloom-filter miss.
+pub fn assume_remote_holds(st: &mut sync::State, heads: Vec<ChangeHash>) {
+    st.their_heads = Some(heads.clone());
+    st.their_need = Some(Vec::new());
+    st.their_have = Some(vec![sync::Have {
+        last_sync: heads,
+        bloom: Default::default(),
+    }]);
+}
+
 /// A replica's local cursor (see [`Event::Synced`]) moved over the feed sequences of
 /// writes the remote is known to hold: only over an unbroken run from `cursor + 1`, since a
 /// sequence left out is a write the remote may still lack.
@@ -1017,15 +1030,7 @@ impl<S: HubStore> Hub<S> {
         if let (Some(heads), false) = (assumed, under_way) {
             self.ensure_state(conn, id, true);
             if let Some(st) = self.conns.get_mut(&conn).and_then(|c| c.syncs.get_mut(&id)) {
-                // Assume the remote holds exactly `heads`: the first message then carries
-                // every change after them. Were the assumption wrong, the remote's reply
-                // says what it lacks, as after any bloom-filter miss.
-                st.their_heads = Some(heads.clone());
-                st.their_need = Some(Vec::new());
-                st.their_have = Some(vec![sync::Have {
-                    last_sync: heads,
-                    bloom: Default::default(),
-                }]);
+                assume_remote_holds(st, heads);
             }
         }
         self.subscribe(conn, id);
