@@ -147,9 +147,15 @@ impl Identity {
         self.role == Role::Admin || self.scope.covers(info)
     }
 
-    /// May this device change the document?
+    /// May this device change the document? Viewers change nothing; enumerators change
+    /// households only: sites and campaigns are reference data, and a site's region decides
+    /// who receives every household registered there.
     pub fn can_write(&self, info: &DocInfo) -> bool {
-        self.role != Role::Viewer && self.can_read(info)
+        match self.role {
+            Role::Viewer => false,
+            Role::Enumerator => info.kind == DocKind::Household && self.can_read(info),
+            _ => self.can_read(info),
+        }
     }
 }
 
@@ -198,5 +204,17 @@ mod tests {
         assert!(viewer.can_read(&info(DocKind::Household, "SOC-01", "Mopti")));
         assert!(!viewer.can_write(&info(DocKind::Household, "SOC-01", "Mopti")));
         assert!(Identity::admin("a").can_write(&DocInfo::other()));
+        // An enumerator reads its site's reference data but writes only households.
+        assert!(tab.can_write(&info(DocKind::Household, "SOC-01", "Mopti")));
+        for kind in [DocKind::Site, DocKind::Campaign] {
+            assert!(tab.can_read(&info(kind, "SOC-01", "Mopti")));
+            assert!(!tab.can_write(&info(kind, "SOC-01", "Mopti")));
+        }
+        let manager = Identity {
+            role: Role::Manager,
+            ..office.clone()
+        };
+        assert!(manager.can_write(&info(DocKind::Site, "SOC-02", "Mopti")));
+        assert!(!manager.can_write(&info(DocKind::Site, "GAO-01", "Gao")));
     }
 }

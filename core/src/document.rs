@@ -16,7 +16,7 @@ use autosurgeon::{hydrate_prop, Hydrate};
 use serde::{Deserialize, Serialize};
 
 use crate::read_once::ReadOnce;
-use crate::{campaign::Campaign, household::Household, household::Status, site::Site};
+use crate::{campaign::Campaign, household::Household, site::Site};
 
 /// Root key naming the kind of a document.
 pub const KIND: &str = "kind";
@@ -186,7 +186,10 @@ pub fn ensure_map<Tx: Transactable + ReadDoc>(
 pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<String>) -> DocInfo {
     let view = ReadOnce::new(doc);
     let kind = kind_in(&view);
-    let (sites, erased) = match kind {
+    // `erased` never comes from the content: only the store's own erasure (which drops the
+    // bytes) makes a tombstone. A record whose status a peer set to "erased" is a household
+    // like any other here, so no writer can make one vanish from every replica.
+    let sites = match kind {
         DocKind::Site => match read_record_in::<Site>(&view, kind) {
             Ok(s) => {
                 let region = s.admin1.clone();
@@ -197,17 +200,17 @@ pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<Strin
                     erased: false,
                 };
             }
-            Err(_) => (Vec::new(), false),
+            Err(_) => Vec::new(),
         },
         DocKind::Household => match read_record_in::<Household>(&view, kind) {
-            Ok(h) => (vec![h.site], h.status == Status::Erased),
-            Err(_) => (Vec::new(), false),
+            Ok(h) => vec![h.site],
+            Err(_) => Vec::new(),
         },
         DocKind::Campaign => match read_record_in::<Campaign>(&view, kind) {
-            Ok(c) => (c.sites, false),
-            Err(_) => (Vec::new(), false),
+            Ok(c) => c.sites,
+            Err(_) => Vec::new(),
         },
-        DocKind::Other => (Vec::new(), false),
+        DocKind::Other => Vec::new(),
     };
     let mut regions: Vec<String> = sites.iter().filter_map(|s| region_of(s)).collect();
     regions.sort();
@@ -216,6 +219,6 @@ pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<Strin
         kind,
         sites,
         regions,
-        erased,
+        erased: false,
     }
 }

@@ -85,12 +85,22 @@ impl fmt::Debug for DocumentId {
     }
 }
 
+/// Longest bs58check text accepted as a document id (a real one has at most 28
+/// characters).
+const MAX_ID_CHARS: usize = 40;
+
 impl FromStr for DocumentId {
     type Err = IdError;
 
     /// Accepts both the bare bs58check form and the `automerge:` URL.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bare = s.strip_prefix("automerge:").unwrap_or(s);
+        // A real id is 16 bytes and a 4-byte checksum: at most 28 characters. bs58 decoding
+        // costs the square of the length, so a long string from a peer would hold the
+        // engine for hours before the checksum could refuse it.
+        if bare.len() > MAX_ID_CHARS {
+            return Err(IdError::Encoding(s.chars().take(64).collect()));
+        }
         let bytes = bs58::decode(bare)
             .with_check(None)
             .into_vec()
@@ -132,6 +142,22 @@ mod tests {
         assert!(matches!(s.parse::<DocumentId>(), Err(IdError::Encoding(_))));
         let short = bs58::encode([1u8; 8]).with_check().into_string();
         assert_eq!(short.parse::<DocumentId>(), Err(IdError::Length(8)));
+    }
+
+    #[test]
+    fn a_huge_id_is_refused_before_it_is_decoded() {
+        // Every 16-byte id fits under the limit, the longest and the shortest.
+        for b in [[0xffu8; 16], [0u8; 16], [1u8; 16]] {
+            let id = DocumentId::from_bytes(b);
+            assert!(id.to_string().len() <= MAX_ID_CHARS);
+            assert_eq!(id.to_string().parse::<DocumentId>().unwrap(), id);
+        }
+        // Decoded, 4 MiB of base58 would take hours (the cost is quadratic): this test
+        // would not finish.
+        let huge = "2".repeat(4 << 20);
+        assert!(matches!(huge.parse::<DocumentId>(), Err(IdError::Encoding(e)) if e.len() == 64));
+        let url = format!("automerge:{huge}");
+        assert!(url.parse::<DocumentId>().is_err());
     }
 
     #[test]

@@ -399,6 +399,9 @@ impl Ledger {
         if hh.status == Status::Erased {
             return Err(ValidationError::Erased(id.to_string()).into());
         }
+        if update.status == Some(Status::Erased) {
+            return Err(ValidationError::EraseByStatus.into());
+        }
         let old_site = hh.site.clone();
         hh.apply(update);
         hh.validate()?;

@@ -84,6 +84,10 @@ pub enum ValidationError {
     /// A household that was erased cannot be edited or served again.
     #[error("household {0} was erased")]
     Erased(String),
+    /// An edit tried to mark a household erased. Erasure drops its personal data and is an
+    /// admin's act (`relais household erase`), not a status.
+    #[error("a household is erased with `relais household erase`, which drops its data; its status cannot be set to erased")]
+    EraseByStatus,
     /// A date that is not `YYYY-MM-DD`.
     #[error("invalid date {0:?}: use YYYY-MM-DD")]
     BadDate(String),

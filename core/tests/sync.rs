@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::VecDeque;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use common::*;
@@ -41,13 +42,28 @@ impl Link {
         who: Identity,
         cursors: (u64, u64),
     ) -> Self {
-        let mut client = Hub::new(HubConfig::default(), client_store);
         // A server's peer id is stable across its restarts (it derives from its storage id).
         let server_cfg = HubConfig {
             peer_id: "relais-server-office".into(),
             ..HubConfig::default()
         };
-        let mut server = Hub::new(server_cfg, server_store);
+        Link::on(
+            Hub::new(server_cfg, server_store),
+            client_store,
+            who,
+            cursors,
+        )
+    }
+
+    /// A new session on a server hub that stays up (and keeps what it holds in memory).
+    fn on(
+        mut server: Hub<Arc<Store>>,
+        client_store: Arc<Store>,
+        who: Identity,
+        cursors: (u64, u64),
+    ) -> Self {
+        server.disconnect(S);
+        let mut client = Hub::new(HubConfig::default(), client_store);
         server.connect(S, who);
         let step =
             client.connect_outbound(C, Identity::admin("server"), cursors.0, cursors.1, None);
@@ -117,6 +133,17 @@ impl Link {
             }
         }
         panic!("sync did not quiesce");
+    }
+
+    /// The documents the server refused in this session, with the reason it gave.
+    fn refused(&self) -> Vec<(relais_core::DocumentId, String)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Refused { id, reason, .. } => Some((*id, reason.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn synced(&self) -> Option<(u64, u64)> {
@@ -310,6 +337,51 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
     };
     let a = answer(&mut link.server, &gao.to_string());
     let b = answer(
+        &mut link.server,
+        &relais_core::DocumentId::random().to_string(),
+    );
+    assert_eq!(a, b);
+
+    // So is a `sync` claiming heads the server would lack, with no changes.
+    let claimed = {
+        use automerge::sync::SyncDoc;
+        use automerge::transaction::Transactable;
+        let mut d = automerge::Automerge::new();
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, "x", 1).unwrap();
+        tx.commit();
+        // Told the other side holds them already, automerge sends the heads alone.
+        let mut st = automerge::sync::State::new();
+        relais_core::protocol::hub::assume_remote_holds(&mut st, d.get_heads());
+        let m = d.generate_sync_message(&mut st).unwrap();
+        assert!(m.changes.is_empty() && !m.heads.is_empty());
+        m.encode()
+    };
+    let sync_answer = |server: &mut Hub<Arc<Store>>, id: &str| -> Vec<u8> {
+        let m = Message::Sync(relais_core::protocol::message::DocMessage {
+            sender_id: "p".into(),
+            target_id: "s".into(),
+            document_id: id.into(),
+            data: claimed.clone(),
+        });
+        let step = server.receive(S, &m.encode());
+        assert!(step.writes.is_empty());
+        assert_eq!(step.sends.len(), 1, "one answer");
+        let (_, frame) = step.sends.into_iter().next().unwrap();
+        // The frame itself, with the id blanked: its type and framing must not differ.
+        let text = id.as_bytes();
+        let mut frame = frame;
+        if let Some(at) = frame.windows(text.len()).position(|w| w == text) {
+            frame.splice(at..at + text.len(), *b"ID");
+        }
+        let raw = relais_core::DocumentId::from_str(id).unwrap();
+        if let Some(at) = frame.windows(16).position(|w| w == raw.as_bytes()) {
+            frame.splice(at..at + 16, *b"ID");
+        }
+        frame
+    };
+    let a = sync_answer(&mut link.server, &gao.to_string());
+    let b = sync_answer(
         &mut link.server,
         &relais_core::DocumentId::random().to_string(),
     );
@@ -1061,4 +1133,234 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
         .iter()
         .any(|(_, d, detail)| *d == Some(elsewhere)
             && detail.as_deref() == Some("change out of scope")));
+}
+
+fn soc01(role: Role) -> Identity {
+    Identity {
+        role,
+        ..soc01_enumerator()
+    }
+}
+
+#[test]
+fn a_refused_change_is_told_at_once_and_offered_again_next_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let tab = ledger(dir.path(), "tab");
+    let mut link = Link::new(shared(&tab), shared(&office), soc01(Role::Viewer), (0, 0));
+    link.run();
+    let cursors = link.synced().unwrap();
+
+    // A viewer's tablet registers a household offline: refused, and told so, so the
+    // session ends instead of waiting for a confirmation that never comes.
+    let h = tab.register(new_household("SOC-01", "Refused")).unwrap();
+    let seq_h = tab.store().meta(h).unwrap().unwrap().seq;
+    let mut link = Link::new(shared(&tab), shared(&office), soc01(Role::Viewer), cursors);
+    link.run();
+    assert_eq!(link.refused(), vec![(h, "read-only device".to_string())]);
+    let cursors = link.synced().expect("the session completes");
+    assert!(
+        cursors.1 < seq_h,
+        "the cursor stays before what was refused"
+    );
+    assert!(office.store().meta(h).unwrap().is_none());
+
+    // An enumerator edits its site's reference data: refused with its own reason.
+    let mut s = tab.site("SOC-01").unwrap().unwrap();
+    s.admin1 = "Gao".into();
+    tab.put_site(&s).unwrap();
+    let site_id = relais_core::DocumentId::derived("site", "SOC-01");
+    let seq_site = tab.store().meta(site_id).unwrap().unwrap().seq;
+    assert!(seq_site > seq_h);
+
+    // The same tablet once its token is an enumerator's: the household goes through now;
+    // the site edit does not, and the cursor stops before it.
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), cursors);
+    link.run();
+    assert_eq!(
+        link.refused(),
+        vec![(
+            site_id,
+            "sites and campaigns are written by managers".to_string()
+        )]
+    );
+    let cursors = link.synced().unwrap();
+    assert!(cursors.1 >= seq_h && cursors.1 < seq_site, "{cursors:?}");
+    assert_eq!(office.household(h).unwrap().household.head_name, "Refused");
+    assert_eq!(office.site("SOC-01").unwrap().unwrap().admin1, "Mopti");
+    assert!(link.closed.is_empty(), "{:?}", link.closed);
+
+    // Nothing new: offered again, refused again, told again.
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), cursors);
+    link.run();
+    assert_eq!(link.refused().len(), 1);
+    assert_eq!(link.synced().unwrap().1, cursors.1);
+}
+
+#[test]
+fn a_forged_site_document_moves_no_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    // A site document claiming that GAO-01 is in Mopti, under an id of its own.
+    let forger = ledger(dir.path(), "forger");
+    forger.put_site(&site("GAO-01", "Mopti")).unwrap();
+    let bytes = forger
+        .store()
+        .load(relais_core::DocumentId::derived("site", "GAO-01"))
+        .unwrap()
+        .unwrap()
+        .doc
+        .save();
+    let tab = ledger(dir.path(), "tab");
+    let forged = relais_core::DocumentId::random();
+    tab.store()
+        .apply(forged, &bytes, |d| tab.describe(d))
+        .unwrap();
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), (0, 0));
+    link.run();
+    assert_eq!(link.refused(), vec![(forged, "out of scope".to_string())]);
+    assert!(office.store().meta(forged).unwrap().is_none());
+
+    // The same server, still up, then takes a GAO-01 registration from an admin's tablet.
+    let adm = ledger(dir.path(), "adm");
+    let Link { server, .. } = link;
+    let mut link = Link::on(server, shared(&adm), Identity::admin("adm"), (0, 0));
+    link.run();
+    let cursors = link.synced().unwrap();
+    let g = adm.register(new_household("GAO-01", "Gao family")).unwrap();
+    let Link { server, .. } = link;
+    let mut link = Link::on(server, shared(&adm), Identity::admin("adm"), cursors);
+    link.run();
+    assert!(link.synced().is_some());
+    assert_eq!(
+        office.store().meta(g).unwrap().unwrap().info.regions,
+        vec!["Gao".to_string()],
+        "the household's region comes from GAO-01's own site document"
+    );
+}
+
+#[test]
+fn a_status_set_to_erased_by_a_peer_erases_nothing() {
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+    use relais_core::household::{HouseholdUpdate, Status};
+    use relais_core::store::DocWrite;
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office
+        .register(new_household("SOC-01", "Still here"))
+        .unwrap();
+    let tab = ledger(dir.path(), "tab");
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), (0, 0));
+    link.run();
+    let cursors = link.synced().unwrap();
+    // The app cannot do it: erasure is an admin's act that drops the data.
+    let err = tab
+        .update(
+            h,
+            &HouseholdUpdate {
+                status: Some(Status::Erased),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("relais household erase"), "{err}");
+    // A tablet that writes the status into the document itself.
+    let stored = tab.store().load(h).unwrap().unwrap();
+    let base = stored.meta.change_hashes();
+    let mut doc = stored.doc;
+    let (_, record) = doc
+        .get(automerge::ROOT, relais_core::document::RECORD)
+        .unwrap()
+        .unwrap();
+    let mut tx = doc.transaction();
+    tx.put(&record, "status", "erased").unwrap();
+    tx.commit();
+    let info = tab.describe(&doc);
+    assert!(!info.erased, "the content never makes a tombstone");
+    tab.store()
+        .write(&[DocWrite::from_doc(h, info, &doc, base)])
+        .unwrap();
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), cursors);
+    link.run();
+    assert!(link.synced().is_some());
+    let meta = office.store().meta(h).unwrap().unwrap();
+    assert!(!meta.info.erased && !meta.heads.is_empty());
+    // An admin's erasure still erases it, data and all.
+    let (tomb, now) = office.store().erase_household(h, "admin").unwrap().unwrap();
+    assert!(now && tomb.info.erased && tomb.heads.is_empty());
+}
+
+#[test]
+fn ephemeral_messages_are_relayed_once_and_bounded() {
+    use automerge::sync::SyncDoc;
+    use relais_core::protocol::hub::{EPHEMERAL_MAX_BYTES, EPHEMERAL_MAX_ID_BYTES};
+    use relais_core::protocol::message::{DocMessage, PeerMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office.register(new_household("SOC-01", "Present")).unwrap();
+    let mut hub = Hub::new(HubConfig::default(), office.store_arc());
+    let empty = automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .unwrap()
+        .encode();
+    // A stock peer `p{conn}` that joined, holding nothing yet.
+    let connect = |hub: &mut Hub<Arc<Store>>, conn: u64| {
+        hub.connect(conn, Identity::admin(format!("tab-{conn}")));
+        let join = Message::Join {
+            sender_id: format!("p{conn}"),
+            supported_protocol_versions: vec!["1".into()],
+            peer_metadata: PeerMetadata::default(),
+        };
+        hub.receive(conn, &join.encode());
+    };
+    for conn in [1u64, 2] {
+        connect(&mut hub, conn);
+        let ask = Message::Request(DocMessage {
+            sender_id: format!("p{conn}"),
+            target_id: "s".into(),
+            document_id: h.to_string(),
+            data: empty.clone(),
+        });
+        hub.receive(conn, &ask.encode());
+    }
+    let presence = |session: &str, count: u64, data: Vec<u8>| {
+        Message::Ephemeral {
+            sender_id: "p1".into(),
+            target_id: "s".into(),
+            count,
+            session_id: session.into(),
+            document_id: h.to_string(),
+            data,
+        }
+        .encode()
+    };
+    let to_2 = |step: &Step| step.sends.iter().filter(|(c, _)| *c == 2).count();
+    let step = hub.receive(1, &presence("s1", 1, vec![1, 2, 3]));
+    assert_eq!(to_2(&step), 1, "relayed to the other reader");
+    let step = hub.receive(1, &presence("s1", 1, vec![1, 2, 3]));
+    assert_eq!(to_2(&step), 0, "a duplicate is not relayed again");
+    // A session id too long to remember, or a payload too large to copy to every reader,
+    // closes the sender's connection with a reason, and reaches nobody.
+    for (session, data) in [
+        ("x".repeat(EPHEMERAL_MAX_ID_BYTES + 1), vec![1]),
+        ("s2".to_string(), vec![0; EPHEMERAL_MAX_BYTES + 1]),
+    ] {
+        let step = hub.receive(1, &presence(&session, 2, data));
+        assert_eq!(to_2(&step), 0);
+        assert!(
+            step.closes
+                .iter()
+                .any(|(c, r)| *c == 1 && r.contains("ephemeral")),
+            "{:?}",
+            step.closes
+        );
+        // Connected again for the next case.
+        hub.disconnect(1);
+        connect(&mut hub, 1);
+    }
 }

@@ -58,6 +58,9 @@ pub enum Input {
         outbox: mpsc::Sender<Outgoing>,
         /// Bytes in `outbox` not yet written to the socket (the writer subtracts).
         queued: Arc<AtomicUsize>,
+        /// Notified when the engine drops the connection: its socket must close even while
+        /// its writer is stuck on a peer that does not read.
+        kill: Arc<tokio::sync::Notify>,
     },
     /// The link to the upstream server is open: start syncing over it as a client.
     ConnectUpstream {
@@ -156,6 +159,8 @@ struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     device: String,
     queued: Arc<AtomicUsize>,
+    /// See [`Input::Connect`]; `None` for the upstream link, whose task ends when `tx` goes.
+    kill: Option<Arc<tokio::sync::Notify>>,
 }
 
 fn erase(
@@ -245,6 +250,7 @@ fn run(
                     identity,
                     outbox,
                     queued,
+                    kill,
                 } => {
                     outboxes.insert(
                         conn,
@@ -252,6 +258,7 @@ fn run(
                             tx: outbox,
                             device: identity.device.clone(),
                             queued,
+                            kill: Some(kill),
                         },
                     );
                     hub.connect(conn, identity);
@@ -268,6 +275,7 @@ fn run(
                             tx: outbox,
                             device: "upstream".into(),
                             queued,
+                            kill: None,
                         },
                     );
                     let c = upstream::load_cursors(&store, &url);
@@ -360,6 +368,12 @@ fn run(
                     // push back to it.
                     confirmed_upstream.extend(seq);
                 }
+                Event::Refused { id, reason, .. } => {
+                    // Offered again on the next session; the upstream token needs the role
+                    // or scope to take it.
+                    tracing::warn!(document = %id, %reason, "the upstream refused a change from this server");
+                    metrics.upstream_refused.inc();
+                }
                 _ => {}
             }
         }
@@ -387,7 +401,10 @@ fn run(
             }
         }
         for (conn, reason) in step.closes {
-            if let Some(Outbox { tx, device, .. }) = outboxes.remove(&conn) {
+            if let Some(Outbox {
+                tx, device, kill, ..
+            }) = outboxes.remove(&conn)
+            {
                 tracing::warn!(device = %device, conn, reason = %reason, "closing connection");
                 metrics.connections_dropped.inc();
                 let code = if reason.contains("revoked") {
@@ -395,15 +412,23 @@ fn run(
                 } else {
                     close_code::PROTOCOL
                 };
-                let _ = tx.try_send(Outgoing::Close(code, reason));
+                if tx.try_send(Outgoing::Close(code, reason)).is_err() {
+                    // No room for the close frame: close the socket without it.
+                    if let Some(k) = kill {
+                        k.notify_one();
+                    }
+                }
             }
         }
         overflowed.sort_unstable();
         overflowed.dedup();
         for conn in overflowed {
-            // A reader that does not drain must not hold memory or slow the others:
-            // dropping the sender ends its writer task, which closes the socket.
-            if let Some(Outbox { device, .. }) = outboxes.remove(&conn) {
+            // A reader that does not drain must not hold memory or slow the others: its
+            // connection task stops its writer (stuck on the full socket) and closes it.
+            if let Some(Outbox { device, kill, .. }) = outboxes.remove(&conn) {
+                if let Some(k) = kill {
+                    k.notify_one();
+                }
                 tracing::warn!(device = %device, conn, "send queue full; dropping slow connection");
                 metrics.connections_dropped.inc();
                 hub.disconnect(conn);

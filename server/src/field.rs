@@ -386,6 +386,16 @@ pub fn run(args: FieldArgs) -> anyhow::Result<()> {
                     summary.elapsed_ms
                 );
             }
+            if !summary.documents_refused.is_empty() {
+                // On stderr even with --json, so that a refusal is never missed.
+                eprintln!(
+                    "the server refused the changes to {} documents; they stay here and the next sync offers them again:",
+                    summary.documents_refused.len()
+                );
+                for r in &summary.documents_refused {
+                    eprintln!("  {}: {}", r.id, r.reason);
+                }
+            }
         }
         FieldCmd::Status => {
             let s = replica.status()?;

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub upstream_last_full_sync: Gauge<i64, AtomicI64>,
     /// Documents written here that the upstream has not confirmed yet.
     pub upstream_pending_documents: Gauge<i64, AtomicI64>,
+    /// Times the upstream refused this server's changes to a document (its token lacks the
+    /// role or scope); they stay pending and are offered again.
+    pub upstream_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -51,6 +54,7 @@ impl Default for Metrics {
             upstream_connected: Gauge::default(),
             upstream_last_full_sync: Gauge::default(),
             upstream_pending_documents: Gauge::default(),
+            upstream_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -95,6 +99,11 @@ impl Default for Metrics {
             "upstream_pending_documents",
             "Documents written here not yet confirmed by the upstream",
             m.upstream_pending_documents.clone(),
+        );
+        registry.register(
+            "upstream_refused",
+            "Documents whose changes from this server the upstream refused",
+            m.upstream_refused.clone(),
         );
         Metrics { registry, ..m }
     }

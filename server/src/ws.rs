@@ -87,6 +87,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     let conn = app.next_conn.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(crate::config::MAX_QUEUED_FRAMES);
     let queued = Arc::new(AtomicUsize::new(0));
+    let kill = Arc::new(tokio::sync::Notify::new());
     let device = identity.device.clone();
     if !app
         .engine
@@ -95,6 +96,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
             identity,
             outbox: out_tx.clone(),
             queued: queued.clone(),
+            kill: kill.clone(),
         })
         .await
     {
@@ -126,8 +128,15 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
         drop(metrics);
     });
     let mut shutdown = app.shutdown.clone();
+    let mut killed = false;
     loop {
         tokio::select! {
+            _ = kill.notified() => {
+                // Dropped by the engine (a peer that does not read): no frame can get
+                // through its full queue, so the socket closes without one.
+                killed = true;
+                break;
+            }
             _ = shutdown.changed() => {
                 let _ = out_tx.try_send(Outgoing::Close(close_code::AWAY, "server shutting down".into()));
                 break;
@@ -172,8 +181,16 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     }
     app.engine.send(Input::Disconnect { conn }).await;
     drop(out_tx);
-    // Let the writer flush a close frame, but never hang on a dead peer.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // Let the writer flush a close frame, but never hang on a dead peer: a writer stuck
+    // on a full socket is stopped, which drops the socket and the frames queued for it.
+    let abort = writer.abort_handle();
+    let wait = if killed { 0 } else { 5 };
+    if tokio::time::timeout(std::time::Duration::from_secs(wait), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
     app.metrics.connections.dec();
     app.devices.disconnected(&device);
     tracing::info!(conn, device = %device, "disconnected");

@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
-pub use session::SyncSummary;
+pub use session::{RefusedDocument, SyncSummary};
 pub use tls::TlsTrust;
 
 /// Something that changed in the replica because of a sync.
@@ -81,6 +81,14 @@ pub enum ReplicaEvent {
     DocumentChanged(DocumentId),
     /// A document was removed here at the server's request (erased or out of scope).
     DocumentPurged(DocumentId),
+    /// The server refused this replica's changes to a document; they stay here, and the
+    /// next sync offers them again.
+    DocumentRefused {
+        /// The document.
+        id: DocumentId,
+        /// The server's reason (see [`RefusedDocument::reason`]).
+        reason: String,
+    },
     /// A sync completed.
     Synced(SyncSummary),
 }

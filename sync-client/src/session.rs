@@ -25,12 +25,18 @@ const GROUP_FRAMES: usize = 256;
 pub struct SyncSummary {
     /// The server (URL without its query).
     pub server: String,
-    /// Documents with local changes since the last sync, pushed to the server.
+    /// Documents with local changes since the last sync, pushed to the server and accepted
+    /// (those it refused are in [`SyncSummary::documents_refused`]).
     pub documents_sent: usize,
     /// Documents that received changes from the server.
     pub documents_received: usize,
     /// Documents removed at the server's request.
     pub documents_purged: usize,
+    /// Documents whose local changes the server refused, and why. They stay on this replica
+    /// and count in [`crate::SyncStatus::pending_documents`]: the next sync offers them
+    /// again, so once the token has the right role or scope they go through.
+    #[serde(default)]
+    pub documents_refused: Vec<RefusedDocument>,
     /// Frames sent.
     pub frames_sent: usize,
     /// Frames received.
@@ -43,6 +49,28 @@ pub struct SyncSummary {
     pub elapsed_ms: u64,
     /// The server speaks Relais's fast-reconnect extension.
     pub extension: bool,
+}
+
+/// A document whose local changes the server refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedDocument {
+    /// The document.
+    pub id: relais_core::DocumentId,
+    /// The server's reason: "read-only device" (the token's role may not write), "out of
+    /// scope" (the document, or what the change makes of it, is outside the token's sites
+    /// and regions) or "erased".
+    pub reason: String,
+}
+
+/// What one session has done to the local store, to tell its own writes from the app's.
+#[derive(Default)]
+struct Progress {
+    /// Documents that received changes from the server.
+    received: HashSet<relais_core::DocumentId>,
+    /// Feed sequences this session wrote: the server's changes, and tombstones.
+    written: HashSet<u64>,
+    /// The app's writes up to this feed sequence have been offered to the server.
+    offered: u64,
 }
 
 /// Background mode: stay connected and push local writes.
@@ -133,8 +161,10 @@ pub(crate) async fn run(
     };
     // Documents with local changes the server may lack: those written since the last sync.
     let pushing = store.changes_since(cursors.local, usize::MAX)?.len();
-    let mut recv_docs = HashSet::new();
-    let mut local_seen = store.last_seq()?;
+    let mut progress = Progress {
+        offered: store.last_seq()?,
+        ..Default::default()
+    };
     let mut last_progress = Instant::now();
     // A frame read while gathering a batch that must be handled after it.
     let mut deferred: Option<WsResult> = None;
@@ -153,7 +183,7 @@ pub(crate) async fn run(
             step,
             &mut summary,
             pushing,
-            &mut recv_docs,
+            &mut progress,
             &mut sink,
             started,
             opts,
@@ -208,11 +238,11 @@ pub(crate) async fn run(
                 }
                 s
             }
-            _ = wait_local(local_write.as_deref(), &store, local_seen) => {
+            _ = wait_local(local_write.as_deref(), &store, progress.offered) => {
                 tokio::time::sleep(opts.push_delay).await;
                 let mut s = Step::default();
-                for e in store.changes_since(local_seen, usize::MAX)? {
-                    local_seen = local_seen.max(e.seq);
+                for e in store.changes_since(progress.offered, usize::MAX)? {
+                    progress.offered = progress.offered.max(e.seq);
                     let r = hub.reload(e.id);
                     s.writes.extend(r.writes);
                     s.sends.extend(r.sends);
@@ -298,7 +328,7 @@ async fn handle<S>(
     step: Step,
     summary: &mut SyncSummary,
     pushing: usize,
-    recv_docs: &mut HashSet<relais_core::DocumentId>,
+    progress: &mut Progress,
     sink: &mut S,
     started: Instant,
     opts: &SyncOptions,
@@ -315,7 +345,7 @@ where
         match e {
             Event::Connected { extension, .. } => summary.extension = extension,
             Event::DocChanged { id } => {
-                recv_docs.insert(id);
+                progress.received.insert(id);
                 replica.emit(ReplicaEvent::DocumentChanged(id));
             }
             Event::Purge { id, erased, .. } => {
@@ -337,13 +367,38 @@ where
                 summary.documents_purged += 1;
                 replica.emit(ReplicaEvent::DocumentPurged(id));
             }
+            Event::Refused { id, reason, .. } => {
+                tracing::warn!(document = %id, %reason, "the server refused this replica's changes");
+                replica.emit(ReplicaEvent::DocumentRefused {
+                    id,
+                    reason: reason.clone(),
+                });
+                if !summary.documents_refused.iter().any(|r| r.id == id) {
+                    summary
+                        .documents_refused
+                        .push(RefusedDocument { id, reason });
+                }
+            }
             Event::Synced {
                 remote_cursor,
                 local_cursor,
                 peer,
                 ..
             } => {
-                let local = advance_cursor(local_cursor, &seqs);
+                progress.written.extend(&seqs);
+                let mut local = advance_cursor(local_cursor, &seqs);
+                // A write the app made while this session ran, after it offered the local
+                // writes, is not on the server: the cursor stops before it, so the next sync
+                // offers it (the hub's cursor counts everything stored by then).
+                if let Some(first) = store
+                    .changes_since(progress.offered, usize::MAX)?
+                    .iter()
+                    .filter(|e| !progress.written.contains(&e.seq))
+                    .map(|e| e.seq)
+                    .min()
+                {
+                    local = local.min(first - 1);
+                }
                 replica.save_cursors(
                     url,
                     &Cursors {
@@ -353,8 +408,8 @@ where
                         at_ms: Some(now_ms()),
                     },
                 )?;
-                summary.documents_received = recv_docs.len();
-                summary.documents_sent = pushing;
+                summary.documents_received = progress.received.len();
+                summary.documents_sent = pushing.saturating_sub(summary.documents_refused.len());
                 summary.elapsed_ms = started.elapsed().as_millis() as u64;
                 replica.emit(ReplicaEvent::Synced(summary.clone()));
                 done = true;
@@ -362,6 +417,7 @@ where
             _ => {}
         }
     }
+    progress.written.extend(&seqs);
     if !done && !seqs.is_empty() {
         // What the server sent is on the server: move the local cursor over it when nothing
         // written here is waiting before it, so that `pending_documents` counts only local
@@ -391,7 +447,7 @@ where
         return Err(ClientError::Protocol(reason));
     }
     if let Some(p) = &opts.progress {
-        p(hub.awaiting(CONN), recv_docs.len());
+        p(hub.awaiting(CONN), progress.received.len());
     }
     // Let a long sync breathe.
     tokio::task::yield_now().await;

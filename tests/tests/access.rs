@@ -481,11 +481,26 @@ async fn the_audit_log_records_reads_writes_and_admin_actions_without_personal_d
             },
         )
         .unwrap();
+    // Told at once: the sync completes (it used to wait out its idle timeout and fail),
+    // saying what was refused and why, and the edit stays on the tablet, waiting.
     let opts = SyncOptions {
-        idle_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
         ..Default::default()
     };
-    let _ = v.sync_with(&server.url(), &viewer, &opts).await;
+    let s = v.sync_with(&server.url(), &viewer, &opts).await.unwrap();
+    assert_eq!(
+        s.documents_refused,
+        vec![relais_client::RefusedDocument {
+            id: h,
+            reason: "read-only device".into()
+        }]
+    );
+    assert_eq!(s.documents_sent, 0);
+    assert_eq!(v.status().unwrap().pending_documents, 1);
+    assert_eq!(
+        v.ledger().household(h).unwrap().household.origin.as_deref(),
+        Some("Forged")
+    );
     a.sync(&server.url(), &tok).await.unwrap();
     assert_eq!(a.ledger().household(h).unwrap().household.origin, None);
 

@@ -259,6 +259,57 @@ async fn background_sync_pushes_local_writes_and_notifies_subscribers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_made_during_a_sync_is_pushed_by_the_next_one() {
+    let (dir, data, token) = seeded_data_dir();
+    let server = Server::start(&data, &[]);
+    let a = Arc::new(replica(dir.path(), "a"));
+    a.sync(&server.url(), &token).await.unwrap();
+    for i in 0..20 {
+        a.ledger()
+            .register(household("SOC-01", &format!("Batch {i}")))
+            .unwrap();
+    }
+    // The app registers one more while the sync is pushing the others (the progress
+    // callback runs between frames, once the documents to push have been chosen).
+    let during = Arc::new(std::sync::Mutex::new(None));
+    let progress = {
+        let (a, during) = (a.clone(), during.clone());
+        Arc::new(move |left: usize, _received: usize| {
+            let mut d = during.lock().unwrap();
+            if left > 0 && d.is_none() {
+                *d = Some(
+                    a.ledger()
+                        .register(household("SOC-01", "Made during the sync"))
+                        .unwrap(),
+                );
+            }
+        }) as Arc<dyn Fn(usize, usize) + Send + Sync>
+    };
+    let opts = SyncOptions {
+        progress: Some(progress),
+        ..Default::default()
+    };
+    let first = a.sync_with(&server.url(), &token, &opts).await.unwrap();
+    let id = during.lock().unwrap().expect("registered during the sync");
+    assert_eq!(first.documents_sent, 20);
+    assert_eq!(
+        a.status().unwrap().pending_documents,
+        1,
+        "the registration made during the sync still waits to be pushed"
+    );
+    let second = a.sync(&server.url(), &token).await.unwrap();
+    assert_eq!(second.documents_sent, 1);
+    assert_eq!(a.status().unwrap().pending_documents, 0);
+    let b = replica(dir.path(), "b");
+    b.sync(&server.url(), &token).await.unwrap();
+    assert_eq!(
+        b.ledger().household(id).unwrap().household.head_name,
+        "Made during the sync"
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_typed() {
     let (dir, data, _token) = seeded_data_dir();
     let server = Server::start(&data, &[]);

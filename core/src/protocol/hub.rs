@@ -21,11 +21,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
-use crate::access::Identity;
+use crate::access::{Identity, Role};
 use crate::audit::{AuditAction, AuditEntry};
 use crate::document::{self, DocInfo, DocKind};
 use crate::protocol::message::{
-    BatchDoc, DecodeError, DocMessage, FeedDoc, Message, PeerMetadata, PROTOCOL_RELAIS, PROTOCOL_V1,
+    BatchDoc, DecodeError, DocMessage, FeedDoc, Message, PeerMetadata, Refusal, PROTOCOL_RELAIS,
+    PROTOCOL_V1,
 };
 use crate::protocol::prepare::{self, Job, Prepared};
 use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc, FEED_MARKER};
@@ -182,8 +183,21 @@ pub enum Event {
         /// back. Otherwise it only left this replica's scope.
         erased: bool,
     },
+    /// The remote of an outbound connection refused this replica's changes to a document.
+    /// The document is no longer waited for, and [`Event::Synced`]'s local cursor stays
+    /// before it, so the next session offers it again (a token given the right role or scope
+    /// in between then pushes it).
+    Refused {
+        /// The connection.
+        conn: ConnId,
+        /// The document.
+        id: DocumentId,
+        /// The remote's reason ("read-only device", "out of scope", "erased").
+        reason: String,
+    },
     /// An outbound connection is fully in sync: everything this replica holds is confirmed
-    /// by the remote, and everything the remote listed is here. Persist the cursors to
+    /// by the remote (or refused by it: see [`Event::Refused`]), and everything the remote
+    /// listed is here. Persist the cursors to
     /// resume cheaply next time.
     Synced {
         /// The connection.
@@ -331,6 +345,8 @@ struct Outbound {
     quiet: bool,
     /// Peer id the cursors belong to.
     expected_peer: Option<String>,
+    /// Documents the remote refused in this session (see [`Event::Refused`]).
+    refused: HashSet<DocumentId>,
 }
 
 /// Documents waiting for a place in an outbound window, in order, each once. Removal is
@@ -407,6 +423,59 @@ struct Listing {
     more: bool,
     purge: Vec<String>,
     erased: Vec<String>,
+    refused: Vec<Refusal>,
+}
+
+/// Why a device's change was refused. The audit records exactly which; the device is told
+/// in words that never reveal whether a document it may not read exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refuse {
+    /// The document was erased, and the device may read it.
+    Erased,
+    /// The document was erased, and the device may not read it.
+    ErasedUnreadable,
+    /// The document exists outside the device's scope.
+    OutOfScope,
+    /// The change would put the document outside the device's scope.
+    ChangeOutOfScope,
+    /// The device's role may not write.
+    ReadOnly,
+    /// The device's role writes households only, not sites or campaigns.
+    ReferenceData,
+}
+
+impl Refuse {
+    /// The audit entry's detail, for a data manager.
+    fn audited(self) -> &'static str {
+        match self {
+            Refuse::Erased | Refuse::ErasedUnreadable => "erased",
+            Refuse::OutOfScope => "out of scope",
+            Refuse::ChangeOutOfScope => "change out of scope",
+            Refuse::ReadOnly => "read-only device",
+            Refuse::ReferenceData => "sites and campaigns are written by managers",
+        }
+    }
+
+    /// What the device is told, if anything: nothing of a tombstone it may not read, which
+    /// an unknown id would not have.
+    fn told(self) -> Option<&'static str> {
+        Some(match self {
+            Refuse::Erased => "erased",
+            Refuse::ErasedUnreadable => return None,
+            Refuse::OutOfScope | Refuse::ChangeOutOfScope => "out of scope",
+            Refuse::ReadOnly => "read-only device",
+            Refuse::ReferenceData => "sites and campaigns are written by managers",
+        })
+    }
+
+    /// The reason for a change `identity` may not make to a document it may read.
+    fn denied_to(identity: &Identity) -> Refuse {
+        if identity.role == Role::Viewer {
+            Refuse::ReadOnly
+        } else {
+            Refuse::ReferenceData
+        }
+    }
 }
 
 /// Counters for metrics.
@@ -495,6 +564,13 @@ const UPSTREAM_KEY: &str = "upstream\u{1f}";
 
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
+
+/// Longest `senderId` or `sessionId` of an ephemeral message: the duplicate filter keeps
+/// both for [`EPHEMERAL_MEMORY`] messages.
+pub const EPHEMERAL_MAX_ID_BYTES: usize = 256;
+
+/// Largest ephemeral payload relayed (presence, cursors): each is copied to every reader.
+pub const EPHEMERAL_MAX_BYTES: usize = 64 * 1024;
 
 impl<S: HubStore> Hub<S> {
     /// A hub over a store.
@@ -817,6 +893,7 @@ impl<S: HubStore> Hub<S> {
                 more,
                 purge,
                 erased,
+                refused,
                 ..
             } if outbound => self.changes(
                 conn,
@@ -826,6 +903,7 @@ impl<S: HubStore> Hub<S> {
                     more,
                     purge,
                     erased,
+                    refused,
                 },
                 step,
             ),
@@ -1018,6 +1096,8 @@ impl<S: HubStore> Hub<S> {
             o.awaiting.insert(id);
             o.quiet = false;
             o.pushed_since_listing = true;
+            // Offered again (written again here): the remote's word on it is awaited anew.
+            o.refused.remove(&id);
         }
         let assumed = self.optimistic.remove(&(conn, id));
         // An exchange already under way in this session goes on: starting afresh on this
@@ -1047,7 +1127,25 @@ impl<S: HubStore> Hub<S> {
             more,
             purge,
             erased,
+            refused,
         } = listing;
+        for r in refused {
+            let Ok(id) = r.document_id.parse::<DocumentId>() else {
+                continue;
+            };
+            let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) else {
+                break;
+            };
+            if o.refused.insert(id) {
+                step.events.push(Event::Refused {
+                    conn,
+                    id,
+                    reason: r.reason,
+                });
+            }
+            // Not waited for any more: the remote will not confirm what it refused.
+            self.finish_doc(conn, id, step);
+        }
         for p in purge {
             if let Ok(id) = p.parse::<DocumentId>() {
                 let erased = erased.contains(&p);
@@ -1058,6 +1156,8 @@ impl<S: HubStore> Hub<S> {
                 if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                     o.awaiting.remove(&id);
                     o.queued.remove(id);
+                    // Purged here: nothing left to offer again.
+                    o.refused.remove(&id);
                 }
                 step.events.push(Event::Purge { conn, id, erased });
             }
@@ -1116,10 +1216,25 @@ impl<S: HubStore> Hub<S> {
             // reconnect lists nothing.
             return self.request_listing(conn, step);
         }
-        let local_cursor = match self.store.last_seq() {
+        let mut local_cursor = match self.store.last_seq() {
             Ok(s) => s,
             Err(_) => return,
         };
+        if !o.refused.is_empty() {
+            // What the remote refused must be offered again next session: the cursor stops
+            // before the first of it.
+            let Ok(since) = self.store.changes_since(o.local_cursor, usize::MAX) else {
+                return;
+            };
+            if let Some(first) = since
+                .iter()
+                .filter(|e| o.refused.contains(&e.id))
+                .map(|e| e.seq)
+                .min()
+            {
+                local_cursor = local_cursor.min(first.saturating_sub(1));
+            }
+        }
         let c = self.conns.get_mut(&conn).expect("checked");
         let peer = c.peer_id.clone();
         let o = c.outbound.as_mut().expect("checked");
@@ -1158,13 +1273,12 @@ impl<S: HubStore> Hub<S> {
     }
 
     /// Fills in the regions of what [`document::describe`] read, which only the hub knows
-    /// (from the site documents), and learns a site document's own region.
+    /// (from the site documents).
     fn with_regions(&mut self, info: DocInfo) -> DocInfo {
         if info.kind == DocKind::Site {
-            // A site document carries its own region.
-            if let (Some(code), Some(region)) = (info.sites.first(), info.regions.first()) {
-                self.regions.insert(code.clone(), region.clone());
-            }
+            // A site document carries its own region. Nothing is learnt from it here: it may
+            // be a change about to be refused, or a document under any id claiming any code,
+            // and only the site's own document says where a site is (see `region_of`).
             return info;
         }
         let mut regions: Vec<String> = info
@@ -1359,7 +1473,13 @@ impl<S: HubStore> Hub<S> {
             // have held it is told to purge its copy.
             let info = self.docs[&id].info.clone();
             if !sync_msg.changes.is_empty() || !sync_msg.heads.is_empty() {
-                self.refuse_once(conn, &identity, id, "erased", step);
+                let why = if identity.can_read(&info) {
+                    Refuse::Erased
+                } else {
+                    Refuse::ErasedUnreadable
+                };
+                let again = !sync_msg.changes.is_empty();
+                self.refuse_once(conn, &identity, id, why, again, step);
             }
             if identity.can_read(&info) {
                 self.purge_notice(conn, id, true, step);
@@ -1371,23 +1491,25 @@ impl<S: HubStore> Hub<S> {
         if known && !identity.can_read(&self.docs[&id].info) {
             // Out of scope answers exactly as unknown, so ids cannot be probed.
             if !sync_msg.changes.is_empty() {
-                self.refuse_once(conn, &identity, id, "out of scope", step);
+                self.refuse_once(conn, &identity, id, Refuse::OutOfScope, true, step);
             }
             if is_request || !sync_msg.changes.is_empty() {
                 return self.unavailable(conn, m.document_id, step);
             }
-            let empty = Automerge::new();
-            if let Some(reply) = empty.generate_sync_message(&mut sync::State::new()) {
-                let target_id = self.conns[&conn].peer_id.clone();
-                step.send(
-                    conn,
-                    &Message::Sync(DocMessage {
-                        sender_id: self.cfg.peer_id.clone(),
-                        target_id,
-                        document_id: m.document_id,
-                        data: reply.encode(),
-                    }),
-                );
+            // Answered as a placeholder for an unknown id answers the same message: an empty
+            // document that took it in.
+            let mut empty = Automerge::new();
+            let mut st = sync::State::new();
+            let _ = empty.receive_sync_message(&mut st, sync_msg);
+            if let Some(reply) = empty.generate_sync_message(&mut st) {
+                // In the same framing too (a batch for Relais peers), as `reply` sends it.
+                let c = &self.conns[&conn];
+                let doc = BatchDoc {
+                    document_id: id,
+                    data: reply.encode(),
+                    request: false,
+                };
+                step.send_doc(conn, c.ext, &self.cfg.peer_id, &c.peer_id, doc);
             }
             return;
         }
@@ -1420,7 +1542,9 @@ impl<S: HubStore> Hub<S> {
                 .iter()
                 .any(|h| doc.get_change_by_hash(h).is_none());
             if unknown || !sync_msg.changes.is_empty() {
-                self.refuse_once(conn, &identity, id, "read-only device", step);
+                let again = !sync_msg.changes.is_empty();
+                let why = Refuse::denied_to(&identity);
+                self.refuse_once(conn, &identity, id, why, again, step);
             }
         }
         self.ensure_state(conn, id, can_write);
@@ -1499,7 +1623,12 @@ impl<S: HubStore> Hub<S> {
                 let allowed = identity.can_write(&info)
                     || (known && identity.can_write(&old_info) && info.kind == DocKind::Household);
                 if !allowed {
-                    self.refuse_once(conn, &identity, id, "change out of scope", step);
+                    let why = if identity.can_read(&info) {
+                        Refuse::denied_to(&identity)
+                    } else {
+                        Refuse::ChangeOutOfScope
+                    };
+                    self.refuse_once(conn, &identity, id, why, true, step);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.syncs.remove(&id);
                     }
@@ -1507,6 +1636,12 @@ impl<S: HubStore> Hub<S> {
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.unapplied.remove(&id);
+                }
+                if info.kind == DocKind::Site || old_info.kind == DocKind::Site {
+                    // Read again from the site's own document when next needed.
+                    for code in info.sites.iter().chain(&old_info.sites) {
+                        self.regions.remove(code);
+                    }
                 }
                 let entry = self.docs.get_mut(&id).expect("loaded above");
                 entry.doc = candidate;
@@ -1754,24 +1889,52 @@ impl<S: HubStore> Hub<S> {
                     more: false,
                     purge: Vec::new(),
                     erased: Vec::new(),
+                    refused: Vec::new(),
                 },
             );
         }
     }
 
-    /// Logs and audits a refused write, once per connection and document.
+    /// Logs and audits a refused write, once per connection and document, and tells a
+    /// Relais client (the first time, and again whenever `again`: a message that brought
+    /// changes), so that it stops waiting for a confirmation that will not come.
     fn refuse_once(
         &mut self,
         conn: ConnId,
         identity: &Identity,
         id: DocumentId,
-        reason: &str,
+        why: Refuse,
+        again: bool,
         step: &mut Step,
     ) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.refused.insert(id) {
-                step.refused(identity, id, reason);
-            }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let first = c.refused.insert(id);
+        if first {
+            step.refused(identity, id, why.audited());
+        }
+        let Some(told) = why.told() else {
+            return;
+        };
+        if (first || again) && c.ext && c.outbound.is_none() {
+            let target_id = c.peer_id.clone();
+            step.send(
+                conn,
+                &Message::Changes {
+                    sender_id: self.cfg.peer_id.clone(),
+                    target_id,
+                    docs: Vec::new(),
+                    cursor: 0,
+                    more: false,
+                    purge: Vec::new(),
+                    erased: Vec::new(),
+                    refused: vec![Refusal {
+                        document_id: id.to_string(),
+                        reason: told.into(),
+                    }],
+                },
+            );
         }
     }
 
@@ -1795,6 +1958,7 @@ impl<S: HubStore> Hub<S> {
                 more: false,
                 purge: vec![doc.clone()],
                 erased: if erased { vec![doc] } else { Vec::new() },
+                refused: Vec::new(),
             },
         );
     }
@@ -1847,15 +2011,25 @@ impl<S: HubStore> Hub<S> {
         data: Vec<u8>,
         step: &mut Step,
     ) {
-        let key = (sender_id.clone(), session_id.clone(), count);
-        if !self.ephemeral_seen.insert(key.clone()) {
-            return;
+        // Presence and cursors are small; the duplicate filter keeps ids, so they are bounded.
+        if sender_id.len() > EPHEMERAL_MAX_ID_BYTES || session_id.len() > EPHEMERAL_MAX_ID_BYTES {
+            return self.fail(
+                step,
+                conn,
+                format!(
+                    "ephemeral message: senderId or sessionId over {EPHEMERAL_MAX_ID_BYTES} bytes"
+                ),
+            );
         }
-        self.ephemeral_order.push_back(key);
-        if self.ephemeral_order.len() > EPHEMERAL_MEMORY {
-            if let Some(old) = self.ephemeral_order.pop_front() {
-                self.ephemeral_seen.remove(&old);
-            }
+        if data.len() > EPHEMERAL_MAX_BYTES {
+            return self.fail(
+                step,
+                conn,
+                format!(
+                    "ephemeral message of {} bytes; at most {EPHEMERAL_MAX_BYTES}",
+                    data.len()
+                ),
+            );
         }
         let Ok(id) = document_id.parse::<DocumentId>() else {
             return;
@@ -1865,6 +2039,16 @@ impl<S: HubStore> Hub<S> {
         };
         if !self.conns[&conn].identity.can_read(&info) {
             return;
+        }
+        let key = (sender_id.clone(), session_id.clone(), count);
+        if !self.ephemeral_seen.insert(key.clone()) {
+            return;
+        }
+        self.ephemeral_order.push_back(key);
+        if self.ephemeral_order.len() > EPHEMERAL_MEMORY {
+            if let Some(old) = self.ephemeral_order.pop_front() {
+                self.ephemeral_seen.remove(&old);
+            }
         }
         let targets: Vec<(ConnId, String)> = self
             .subs
@@ -1978,6 +2162,7 @@ impl<S: HubStore> Hub<S> {
                 more,
                 purge,
                 erased,
+                refused: Vec::new(),
             },
         );
     }

@@ -238,6 +238,17 @@ pub struct FeedDoc {
     pub heads: Vec<Vec<u8>>,
 }
 
+/// One document in the `refused` list of a `relais-changes` message: on the wire
+/// `[id, reason]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Document id (bs58check text).
+    pub document_id: String,
+    /// Why, in words a data manager can act on ("read-only device", "change out of scope",
+    /// "out of scope", "erased").
+    pub reason: String,
+}
+
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -346,6 +357,10 @@ pub enum Message {
         /// Those of `purge` that were erased: keep a tombstone and never accept them again.
         /// Omitted on the wire when empty.
         erased: Vec<String>,
+        /// Documents whose changes from this client the server refused, and why: the client
+        /// stops waiting for them and keeps them to offer again. Omitted on the wire when
+        /// empty, so peers that predate it see the same bytes as before.
+        refused: Vec<Refusal>,
     },
 }
 
@@ -578,6 +593,23 @@ impl Message {
                     more: matches!(f.get("more"), Some(Value::Bool(true))),
                     purge: f.texts("purge")?,
                     erased: f.texts("erased")?,
+                    refused: match f.get("refused") {
+                        None => Vec::new(),
+                        Some(Value::Array(items)) => items
+                            .iter()
+                            .map(|item| match item {
+                                Value::Array(pair) => match pair.as_slice() {
+                                    [Value::Text(id), Value::Text(reason)] => Ok(Refusal {
+                                        document_id: id.clone(),
+                                        reason: reason.clone(),
+                                    }),
+                                    _ => Err(f.wrong("refused")),
+                                },
+                                _ => Err(f.wrong("refused")),
+                            })
+                            .collect::<Result<_, _>>()?,
+                        Some(_) => return Err(f.wrong("refused")),
+                    },
                 }
             }
             other => return Err(DecodeError::UnknownType(other.chars().take(64).collect())),
@@ -725,8 +757,9 @@ impl Message {
                 more,
                 purge,
                 erased,
+                refused,
             } => {
-                let fields = if erased.is_empty() { 7 } else { 8 };
+                let fields = 7 + u64::from(!erased.is_empty()) + u64::from(!refused.is_empty());
                 e.map(fields)?.str("type")?.str("relais-changes")?;
                 e.str("senderId")?.str(sender_id)?;
                 e.str("targetId")?.str(target_id)?;
@@ -748,6 +781,12 @@ impl Message {
                     e.str("erased")?.array(erased.len() as u64)?;
                     for p in erased {
                         e.str(p)?;
+                    }
+                }
+                if !refused.is_empty() {
+                    e.str("refused")?.array(refused.len() as u64)?;
+                    for r in refused {
+                        e.array(2)?.str(&r.document_id)?.str(&r.reason)?;
                     }
                 }
             }
@@ -854,6 +893,7 @@ mod tests {
                 more: true,
                 purge: vec!["p".into(), "q".into()],
                 erased: vec!["q".into()],
+                refused: Vec::new(),
             },
             Message::Changes {
                 sender_id: "s".into(),
@@ -863,6 +903,26 @@ mod tests {
                 more: false,
                 purge: vec!["p".into()],
                 erased: Vec::new(),
+                refused: Vec::new(),
+            },
+            Message::Changes {
+                sender_id: "s".into(),
+                target_id: "c".into(),
+                docs: Vec::new(),
+                cursor: 0,
+                more: false,
+                purge: Vec::new(),
+                erased: Vec::new(),
+                refused: vec![
+                    Refusal {
+                        document_id: "r".into(),
+                        reason: "read-only device".into(),
+                    },
+                    Refusal {
+                        document_id: "s".into(),
+                        reason: "change out of scope".into(),
+                    },
+                ],
             },
         ]
     }
@@ -990,6 +1050,51 @@ mod tests {
         let full = all()[3].encode();
         for cut in 0..full.len() {
             assert!(Message::decode(&full[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn refusals_are_left_out_when_there_are_none_and_checked_when_there_are() {
+        let listing = |refused: Vec<Refusal>| Message::Changes {
+            sender_id: "s".into(),
+            target_id: "c".into(),
+            docs: Vec::new(),
+            cursor: 0,
+            more: false,
+            purge: Vec::new(),
+            erased: Vec::new(),
+            refused,
+        };
+        // Without refusals a listing is the 7-field map clients before the field decode.
+        let plain = listing(Vec::new()).encode();
+        assert_eq!(plain[0], 0xa7);
+        assert!(!plain.windows(7).any(|w| w == b"refused"));
+        // A refusal that is not an [id, reason] pair is a wrong type, not a silent drop.
+        for bad in [
+            &[0x81, 0x61, b'r'][..],
+            &[0x81, 0x82, 0x61, b'r', 0x01],
+            &[0x01],
+        ] {
+            let mut e = Encoder::new(Vec::new());
+            e.map(2)
+                .unwrap()
+                .str("type")
+                .unwrap()
+                .str("relais-changes")
+                .unwrap();
+            e.str("refused").unwrap();
+            let mut b = e.into_writer();
+            b.extend_from_slice(bad);
+            b.splice(0..1, [0xa3]);
+            b.extend_from_slice(&[0x66, b'c', b'u', b'r', b's', b'o', b'r', 0x00]);
+            assert_eq!(
+                Message::decode(&b),
+                Err(DecodeError::WrongType {
+                    ty: "relais-changes".into(),
+                    field: "refused"
+                }),
+                "{bad:?}"
+            );
         }
     }
 }
