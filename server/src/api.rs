@@ -47,6 +47,9 @@ impl From<tokens::TokenError> for ApiError {
         match e {
             tokens::TokenError::Exists(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             tokens::TokenError::Unknown(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            tokens::TokenError::NoScope(_) | tokens::TokenError::AllAndScope => {
+                ApiError(StatusCode::BAD_REQUEST, e.to_string())
+            }
             tokens::TokenError::BadName(_) => {
                 ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
@@ -166,6 +169,9 @@ pub struct NewToken {
     regions: Vec<String>,
     #[serde(default)]
     sites: Vec<String>,
+    /// The whole store (required for any role but admin when no sites or regions are given).
+    #[serde(default)]
+    all: bool,
 }
 
 /// `POST /api/v1/tokens`: the token is in the reply, once.
@@ -176,17 +182,13 @@ pub async fn create_token(
     Json(req): Json<NewToken>,
 ) -> Result<Response, ApiError> {
     let who = admin(&app, addr, &headers)?;
+    let role = req.role.unwrap_or(Role::Enumerator);
     let scope = Scope {
         regions: req.regions,
         sites: req.sites,
     };
-    let (token, rec) = tokens::create(
-        &app.store,
-        &req.name,
-        req.role.unwrap_or(Role::Enumerator),
-        scope,
-        &who.device,
-    )?;
+    let scope = tokens::scope_for(role, scope, req.all)?;
+    let (token, rec) = tokens::create(&app.store, &req.name, role, scope, &who.device)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "name": rec.name, "role": rec.role, "scope": rec.scope, "token": token })),
@@ -237,6 +239,9 @@ pub struct ScopeChange {
     regions: Vec<String>,
     #[serde(default)]
     sites: Vec<String>,
+    /// The whole store.
+    #[serde(default)]
+    all: bool,
 }
 
 /// `PATCH /api/v1/tokens/{name}`: changes a token's scope. Its live connections are closed;
@@ -253,7 +258,7 @@ pub async fn rescope_token(
         regions: req.regions,
         sites: req.sites,
     };
-    let rec = tokens::set_scope(&app.store, &name, scope, &who.device)?;
+    let rec = tokens::set_scope(&app.store, &name, scope, req.all, &who.device)?;
     app.engine
         .send(Input::CloseDevice {
             device: name,

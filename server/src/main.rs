@@ -248,6 +248,10 @@ enum TokenCmd {
         /// Site codes in scope, comma-separated.
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
+        /// The whole store, every region and site (needed for any role but admin when no
+        /// sites or regions are given).
+        #[arg(long)]
+        all: bool,
     },
     /// List tokens (names, roles, scopes; never the tokens).
     List(DataArg),
@@ -271,6 +275,9 @@ enum TokenCmd {
         /// Site codes in scope, comma-separated.
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
+        /// The whole store, every region and site.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -980,14 +987,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 role,
                 regions,
                 sites,
+                all,
             } => {
+                let scope = tokens::scope_for(role, Scope { regions, sites }, all)?;
                 let store = open(&data.data)?;
-                let (token, rec) =
-                    tokens::create(&store, &name, role, Scope { regions, sites }, ADMIN_CLI)?;
+                let (token, rec) = tokens::create(&store, &name, role, scope, ADMIN_CLI)?;
                 eprintln!(
-                    "created token {:?} (role {}); it is shown once, keep it safe:",
+                    "created token {:?} (role {}, covering {}); it is shown once, keep it safe:",
                     rec.name,
-                    rec.role.as_str()
+                    rec.role.as_str(),
+                    describe_scope(&rec.scope)
                 );
                 println!("{token}");
                 Ok(())
@@ -1024,9 +1033,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 regions,
                 sites,
+                all,
             } => {
                 let store = open(&data.data)?;
-                let rec = tokens::set_scope(&store, &name, Scope { regions, sites }, ADMIN_CLI)?;
+                let rec =
+                    tokens::set_scope(&store, &name, Scope { regions, sites }, all, ADMIN_CLI)?;
                 println!("{name} now covers {}", describe_scope(&rec.scope));
                 Ok(())
             }

@@ -55,6 +55,13 @@ pub enum TokenError {
     /// Names are 1 to 64 letters, digits, '-', '_' or '.'.
     #[error("invalid token name {0:?}: use 1 to 64 letters, digits, '-', '_' or '.'")]
     BadName(String),
+    /// A scope with no site and no region, for a role other than admin, without saying
+    /// that the whole store is meant: an empty list is never read as "everything".
+    #[error("a {0} token needs sites or regions; to cover the whole store, say so (--all, or \"all\": true)")]
+    NoScope(&'static str),
+    /// The whole store and some sites or regions at once.
+    #[error("either the whole store (--all) or sites and regions, not both")]
+    AllAndScope,
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -91,7 +98,21 @@ fn now_ms() -> i64 {
     relais_core::ledger::now_ms()
 }
 
-/// Creates a token and returns it with its record. The token is shown once.
+/// The scope a token of `role` gets from what an admin asked for: `scope`, or with `all`
+/// the whole store. Empty lists mean "everything" only for an admin or when `all` says so,
+/// so that a forgotten `--sites`, or an admin emptying a lost tablet's scope, never hands out
+/// every household in the country.
+pub fn scope_for(role: Role, scope: Scope, all: bool) -> Result<Scope, TokenError> {
+    match (all, scope.is_all()) {
+        (true, true) => Ok(Scope::all()),
+        (true, false) => Err(TokenError::AllAndScope),
+        (false, true) if role != Role::Admin => Err(TokenError::NoScope(role.as_str())),
+        (false, _) => Ok(scope),
+    }
+}
+
+/// Creates a token and returns it with its record. The token is shown once. `scope` is
+/// taken as given: what an admin typed goes through [`scope_for`] first.
 pub fn create(
     store: &Store,
     name: &str,
@@ -190,6 +211,7 @@ pub fn set_scope(
     store: &Store,
     name: &str,
     scope: Scope,
+    all: bool,
     by: &str,
 ) -> Result<TokenRecord, TokenError> {
     let current = {
@@ -202,6 +224,7 @@ pub fn set_scope(
         serde_json::from_slice::<TokenRecord>(&v)
             .map_err(|_| TokenError::Unknown(name.to_string()))?
     };
+    let scope = scope_for(current.role, scope, all)?;
     if current.scope == scope {
         return Ok(current);
     }
@@ -259,6 +282,46 @@ pub fn authenticate(store: &Store, token: &str) -> Result<Option<TokenRecord>, T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_scope_is_everything_only_when_said() {
+        let soc = Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        };
+        assert_eq!(
+            scope_for(Role::Enumerator, soc.clone(), false).unwrap(),
+            soc
+        );
+        for role in [Role::Enumerator, Role::Viewer, Role::Manager, Role::Replica] {
+            assert!(matches!(
+                scope_for(role, Scope::all(), false),
+                Err(TokenError::NoScope(r)) if r == role.as_str()
+            ));
+            assert!(scope_for(role, Scope::all(), true).unwrap().is_all());
+        }
+        assert!(scope_for(Role::Admin, Scope::all(), false)
+            .unwrap()
+            .is_all());
+        assert!(matches!(
+            scope_for(Role::Viewer, soc, true),
+            Err(TokenError::AllAndScope)
+        ));
+        // Emptying a token's scope does not widen it to everything.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s.redb")).unwrap();
+        let soc = Scope {
+            regions: vec![],
+            sites: vec!["SOC-01".into()],
+        };
+        create(&store, "tab-1", Role::Enumerator, soc.clone(), "t").unwrap();
+        assert!(matches!(
+            set_scope(&store, "tab-1", Scope::all(), false, "t"),
+            Err(TokenError::NoScope(_))
+        ));
+        let r = set_scope(&store, "tab-1", Scope::all(), true, "t").unwrap();
+        assert!(r.scope.is_all());
+    }
 
     #[test]
     fn create_authenticate_revoke() {

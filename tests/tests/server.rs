@@ -480,6 +480,16 @@ async fn admin_api_adds_reference_data_and_revocation_is_immediate() {
         .0,
         422
     );
+    // A forgotten scope is an error, not the whole country.
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(&admin),
+        Some(r#"{"name":"tab-x","role":"enumerator"}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("needs sites or regions"), "{body}");
     let (status, body) = http(
         server.addr,
         "POST",
