@@ -797,6 +797,52 @@ fn a_change_that_arrives_before_its_dependency_is_kept_until_it_applies() {
         "{:?}",
         step.closes
     );
+
+    // Large orphans are bounded in bytes per document, across connections and reconnects:
+    // three of 3 MiB, each on a parent the server never gets, pass MAX_QUEUED_BYTES.
+    let mut parent = doc.fork();
+    {
+        let mut tx = parent.transaction();
+        tx.put(automerge::ROOT, "never-sent", true).unwrap();
+        tx.commit();
+    }
+    let mut seed = 1u64;
+    let orphans: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let mut child = parent.fork();
+            // Incompressible, so the message is as large as the value.
+            let blob: Vec<u8> = (0..3 << 20)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect();
+            let mut tx = child.transaction();
+            tx.put(automerge::ROOT, format!("blob-{i}"), blob).unwrap();
+            tx.commit();
+            only(&child, child.get_heads()[0])
+        })
+        .collect();
+    for conn in [4, 5] {
+        hub.connect(conn, Identity::admin(format!("tab-{conn}")));
+        hub.receive(conn, &join.encode());
+    }
+    for o in &orphans[..2] {
+        let step = hub.receive(4, o);
+        assert!(step.closes.is_empty() && step.writes.is_empty());
+    }
+    hub.disconnect(4);
+    let step = hub.receive(5, &orphans[2]);
+    assert_eq!(step.closes.len(), 1, "{:?}", step.closes);
+    assert!(
+        step.closes[0].1.contains("bytes of changes"),
+        "{:?}",
+        step.closes
+    );
+    // The household itself is intact, as stored.
+    assert_eq!(store.load(h).unwrap().unwrap().doc.get_heads(), c2);
 }
 
 /// A live session reports `Synced` again after each push the server confirmed, with the

@@ -118,7 +118,21 @@ pub enum Input {
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::Sender<Queued>,
+    /// Bytes of frames waiting for the engine thread, bounded by [`QUEUED_INPUT_BYTES`].
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+/// Bytes of received frames that may wait for the engine thread, over all connections. The
+/// queue's length alone would let 8,192 frames of 16 MiB pile up; past this, readers wait,
+/// which pushes back on their sockets.
+pub const QUEUED_INPUT_BYTES: usize = 256 * 1024 * 1024;
+
+/// An input on its way to the engine thread, holding its share of [`QUEUED_INPUT_BYTES`]
+/// until handled.
+struct Queued {
+    input: Input,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Engine {
@@ -137,12 +151,30 @@ impl Engine {
             .name("relais-engine".into())
             .spawn(move || run(store, cfg, send_buffer_bytes, metrics, link, rx))
             .expect("spawn engine thread");
-        (Engine { tx }, handle)
+        let bytes = Arc::new(tokio::sync::Semaphore::new(QUEUED_INPUT_BYTES));
+        (Engine { tx, bytes }, handle)
     }
 
-    /// Sends an input; false if the engine has stopped.
+    /// Sends an input; false if the engine has stopped. A frame first waits for room among
+    /// the bytes queued for the engine.
     pub async fn send(&self, input: Input) -> bool {
-        self.tx.send(input).await.is_ok()
+        let bytes = match &input {
+            Input::Frame { bytes, .. } => {
+                let n = bytes.len().clamp(1, QUEUED_INPUT_BYTES) as u32;
+                match self.bytes.clone().acquire_many_owned(n).await {
+                    Ok(p) => Some(p),
+                    Err(_) => return false,
+                }
+            }
+            _ => None,
+        };
+        self.tx
+            .send(Queued {
+                input,
+                _bytes: bytes,
+            })
+            .await
+            .is_ok()
     }
 
     /// Counters from the hub.
@@ -227,7 +259,7 @@ fn run(
     send_buffer_bytes: usize,
     metrics: Arc<Metrics>,
     link: Option<Arc<Link>>,
-    mut rx: mpsc::Receiver<Input>,
+    mut rx: mpsc::Receiver<Queued>,
 ) {
     let mut hub = Hub::new(cfg, store.clone());
     let mut upstream: Option<UpstreamConn> = None;
@@ -243,7 +275,9 @@ fn run(
         }
         let mut step = Step::default();
         let mut arrivals = Vec::new();
-        for input in batch.drain(..) {
+        for queued in batch.drain(..) {
+            // The frame's share of the queued bytes is given back once it has been handled.
+            let Queued { input, _bytes } = queued;
             match input {
                 Input::Connect {
                     conn,

@@ -320,6 +320,9 @@ struct LoadedDoc {
     /// Heads known durable (or handed to the adapter to make durable).
     persisted: Vec<ChangeHash>,
     last_used: u64,
+    /// Bytes of the messages whose changes wait in automerge's queue for their
+    /// dependencies, from every connection (see [`MAX_QUEUED_BYTES`]).
+    queued_bytes: usize,
 }
 
 enum Phase {
@@ -521,6 +524,11 @@ pub const OUTBOUND_WINDOW: usize = 64;
 /// content. A client creating documents offline announces each before pushing it; thousands
 /// of announcements without content are a flood, and would hold memory for nothing.
 pub const MAX_EMPTY_ANNOUNCEMENTS: usize = 4_096;
+
+/// Bytes of messages whose changes wait for their dependencies that one loaded document
+/// may hold, over all peers: past it the copy (and its queue) is dropped, to be reloaded
+/// from the store, and the sender's connection closed.
+pub const MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 
 /// Sync messages in a row from one peer for one document whose changes all lack
 /// dependencies before the connection is dropped: a peer that only ever sends orphans would
@@ -1405,6 +1413,7 @@ impl<S: HubStore> Hub<S> {
                 info: DocInfo::other(),
                 persisted: Vec::new(),
                 last_used: self.clock,
+                queued_bytes: 0,
             },
         );
     }
@@ -1426,6 +1435,7 @@ impl<S: HubStore> Hub<S> {
                         info: s.meta.info,
                         persisted,
                         last_used: self.clock,
+                        queued_bytes: 0,
                     },
                 );
                 Ok(true)
@@ -1599,9 +1609,19 @@ impl<S: HubStore> Hub<S> {
                 // Nothing queued (duplicates, or a read-only state ignoring them): nothing to
                 // keep. Counted per connection, so one peer's orphans never cut off another.
                 if !candidate.get_missing_deps(&[]).is_empty() {
+                    let queued = self.docs[&id].queued_bytes + m.data.len();
                     let c = self.conns.get_mut(&conn).expect("checked");
                     let n = c.unapplied.entry(id).or_insert(0);
                     *n += 1;
+                    if queued > MAX_QUEUED_BYTES {
+                        // Across connections and reconnects; the queue goes with the copy.
+                        self.docs.remove(&id);
+                        return self.fail(
+                            step,
+                            conn,
+                            format!("document {id}: over {MAX_QUEUED_BYTES} bytes of changes with missing dependencies"),
+                        );
+                    }
                     if *n > MAX_UNAPPLIED {
                         // Reloaded from the store when next needed, without the queue.
                         self.docs.remove(&id);
@@ -1611,7 +1631,9 @@ impl<S: HubStore> Hub<S> {
                             format!("document {id}: {MAX_UNAPPLIED} messages of changes with missing dependencies"),
                         );
                     }
-                    self.docs.get_mut(&id).expect("loaded above").doc = candidate;
+                    let entry = self.docs.get_mut(&id).expect("loaded above");
+                    entry.doc = candidate;
+                    entry.queued_bytes = queued;
                 }
             } else {
                 let info = match described {
@@ -1646,6 +1668,9 @@ impl<S: HubStore> Hub<S> {
                 let entry = self.docs.get_mut(&id).expect("loaded above");
                 entry.doc = candidate;
                 entry.info = info.clone();
+                if entry.doc.get_missing_deps(&[]).is_empty() {
+                    entry.queued_bytes = 0;
+                }
                 let base = std::mem::take(&mut entry.persisted);
                 step.writes
                     .push(DocWrite::from_doc(id, info.clone(), &entry.doc, base));
@@ -2201,6 +2226,7 @@ impl<S: HubStore> Hub<S> {
                         info,
                         persisted,
                         last_used: self.clock,
+                        queued_bytes: 0,
                     },
                 );
             }

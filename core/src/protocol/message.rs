@@ -4,8 +4,9 @@
 //! Each message is one CBOR map in one binary WebSocket frame. The decoder accepts what JS's
 //! cbor-x actually sends: maps with non-minimal length headers, `undefined` for absent
 //! values, byte strings that may carry a typed-array tag, and fields in any order. It never
-//! panics, and it bounds nesting and declared lengths by the input size, so a hostile frame
-//! cannot make it allocate more than the frame itself.
+//! panics, and it bounds nesting, declared lengths (by the input size) and the number of
+//! items in a message ([`MAX_ITEMS`]), so a hostile frame of tiny items cannot make it
+//! allocate many times the frame.
 
 use minicbor::data::Type;
 use minicbor::{Decoder, Encoder};
@@ -18,6 +19,11 @@ pub const PROTOCOL_RELAIS: &str = "relais-1";
 
 /// Deepest nesting accepted in a message.
 const MAX_DEPTH: usize = 16;
+
+/// CBOR items (strings, numbers, arrays, map entries…) accepted in one message. Each costs
+/// tens of bytes decoded, whatever its size on the wire; the largest real message, a
+/// 2,000-document `relais-changes` page, has about 10,000.
+pub const MAX_ITEMS: usize = 262_144;
 
 /// Why a frame is not a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +60,9 @@ pub enum DecodeError {
     /// Nested deeper than this decoder accepts.
     #[error("message nested too deeply")]
     TooDeep,
+    /// More items than [`MAX_ITEMS`].
+    #[error("message has more than {MAX_ITEMS} items")]
+    TooManyItems,
 }
 
 /// A decoded CBOR value, as much as the protocol needs.
@@ -95,7 +104,8 @@ fn items<T>(
     match len {
         Some(n) => {
             let n = bounded(d, n)?;
-            out.reserve(n);
+            // Room for what a real message holds; more grows as items actually arrive.
+            out.reserve(n.min(4_096));
             for _ in 0..n {
                 out.push(item(d)?);
             }
@@ -111,10 +121,11 @@ fn items<T>(
     Ok(out)
 }
 
-fn value(d: &mut Decoder<'_>, depth: usize) -> Result<Value, DecodeError> {
+fn value(d: &mut Decoder<'_>, depth: usize, budget: &mut usize) -> Result<Value, DecodeError> {
     if depth > MAX_DEPTH {
         return Err(DecodeError::TooDeep);
     }
+    *budget = budget.checked_sub(1).ok_or(DecodeError::TooManyItems)?;
     let t = d.datatype().map_err(cbor_err)?;
     Ok(match t {
         Type::Bool => Value::Bool(d.bool().map_err(cbor_err)?),
@@ -157,18 +168,18 @@ fn value(d: &mut Decoder<'_>, depth: usize) -> Result<Value, DecodeError> {
         }
         Type::Array | Type::ArrayIndef => {
             let len = d.array().map_err(cbor_err)?;
-            Value::Array(items(d, len, |d| value(d, depth + 1))?)
+            Value::Array(items(d, len, |d| value(d, depth + 1, budget))?)
         }
         Type::Map | Type::MapIndef => {
             let len = d.map().map_err(cbor_err)?;
             Value::Map(items(d, len, |d| {
-                Ok((value(d, depth + 1)?, value(d, depth + 1)?))
+                Ok((value(d, depth + 1, budget)?, value(d, depth + 1, budget)?))
             })?)
         }
         // Typed-array and other tags: the tagged value is what matters.
         Type::Tag => {
             d.tag().map_err(cbor_err)?;
-            value(d, depth + 1)?
+            value(d, depth + 1, budget)?
         }
         Type::Simple => {
             d.simple().map_err(cbor_err)?;
@@ -468,7 +479,8 @@ impl Message {
     /// Decodes one frame. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         let mut d = Decoder::new(bytes);
-        let v = value(&mut d, 0)?;
+        let mut budget = MAX_ITEMS;
+        let v = value(&mut d, 0, &mut budget)?;
         if d.position() != bytes.len() {
             return Err(DecodeError::Cbor("trailing bytes after the message".into()));
         }
@@ -1042,6 +1054,11 @@ mod tests {
                 field: "documentId"
             })
         );
+        // Many tiny items: a frame of one-byte integers would decode to 32 bytes each.
+        let mut many = vec![0x9a];
+        many.extend_from_slice(&((MAX_ITEMS as u32) + 1).to_be_bytes());
+        many.extend(std::iter::repeat_n(0x01, MAX_ITEMS + 1));
+        assert_eq!(Message::decode(&many), Err(DecodeError::TooManyItems));
         // Deep nesting.
         let mut deep = vec![0x81; 100];
         deep.push(0x01);
