@@ -91,7 +91,9 @@ pub enum Status {
     /// A duplicate of another registration (its document id): kept, not counted.
     #[autosurgeon(rename = "duplicate-of")]
     DuplicateOf(String),
-    /// Personal data removed; only a tombstone remains.
+    /// Never written by Relais: an erased household is a tombstone in the store, with no
+    /// record. A record that says "erased" (a peer wrote it) is treated as active, so no
+    /// writer can make a household vanish from reports and handouts.
     #[autosurgeon(rename = "erased")]
     Erased,
 }
@@ -189,9 +191,6 @@ pub struct HouseholdUpdate {
 impl Household {
     /// Checks names, ages, and size against members. Site existence is checked by the ledger.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        if self.status == Status::Erased {
-            return Ok(());
-        }
         check_code(&self.site)?;
         if self.head_name.trim().is_empty() {
             return Err(ValidationError::EmptyHeadName);

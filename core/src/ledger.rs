@@ -396,9 +396,8 @@ impl Ledger {
     pub fn update(&self, id: DocumentId, update: &HouseholdUpdate) -> Result<(), LedgerError> {
         let (mut doc, base) = self.household_doc(id)?;
         let mut hh = document::read_household(&doc)?;
-        if hh.status == Status::Erased {
-            return Err(ValidationError::Erased(id.to_string()).into());
-        }
+        // A record saying "erased" (a peer wrote it) is an ordinary household: editing it
+        // is how it is set right.
         if update.status == Some(Status::Erased) {
             return Err(ValidationError::EraseByStatus.into());
         }
@@ -467,9 +466,6 @@ impl Ledger {
         }
         let (mut doc, base) = self.household_doc(household)?;
         let hh = document::read_household(&doc)?;
-        if hh.status == Status::Erased {
-            return Err(ValidationError::Erased(household.to_string()).into());
-        }
         if !campaign.sites.is_empty() && !campaign.sites.contains(&hh.site) {
             return Err(ValidationError::SiteNotInCampaign {
                 site: hh.site,

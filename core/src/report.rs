@@ -148,7 +148,6 @@ impl Report {
     /// Counts one household and its handouts.
     pub fn add(&mut self, id: DocumentId, h: &Household, slots: &[HandoutSlot]) {
         let counted_as = match &h.status {
-            Status::Erased => return,
             Status::DuplicateOf(of) => {
                 self.duplicates += 1;
                 match of.parse::<DocumentId>() {
@@ -156,7 +155,9 @@ impl Report {
                     Err(_) => id,
                 }
             }
-            Status::Active | Status::Returned => {
+            // Erasure leaves no record to count; one that says "erased" came from a peer and
+            // is counted like any other.
+            Status::Active | Status::Returned | Status::Erased => {
                 let (admin1, admin2, site_name) = self.place(&h.site);
                 let f = self
                     .sites

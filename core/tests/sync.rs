@@ -1335,6 +1335,23 @@ fn a_status_set_to_erased_by_a_peer_erases_nothing() {
     assert!(link.synced().is_some());
     let meta = office.store().meta(h).unwrap().unwrap();
     assert!(!meta.info.erased && !meta.heads.is_empty());
+    // Still served, and its status can be set right.
+    office
+        .distribute_on(h, "JP-2023", "nfi-kit", 1, "2023-07-10")
+        .unwrap();
+    office
+        .update(
+            h,
+            &HouseholdUpdate {
+                status: Some(Status::Active),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        office.household(h).unwrap().household.status,
+        Status::Active
+    );
     // An admin's erasure still erases it, data and all.
     let (tomb, now) = office.store().erase_household(h, "admin").unwrap().unwrap();
     assert!(now && tomb.info.erased && tomb.heads.is_empty());
@@ -1409,4 +1426,46 @@ fn ephemeral_messages_are_relayed_once_and_bounded() {
         hub.disconnect(1);
         connect(&mut hub, 1);
     }
+}
+
+#[test]
+fn a_refused_document_the_server_also_changed_does_not_hold_the_sync() {
+    use relais_core::household::HouseholdUpdate;
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let h = office.register(new_household("SOC-01", "Both")).unwrap();
+    let tab = ledger(dir.path(), "tab");
+    let mut link = Link::new(shared(&tab), shared(&office), soc01(Role::Viewer), (0, 0));
+    link.run();
+    let cursors = link.synced().unwrap();
+    // The office and the viewer's tablet both edit it while apart: the listing then shows
+    // different heads, as it will for as long as the tablet holds its refused change.
+    let edit = |l: &Ledger, origin: &str| {
+        l.update(
+            h,
+            &HouseholdUpdate {
+                origin: Some(origin.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    edit(&office, "Office");
+    edit(&tab, "Tablet");
+    for grouped in [false, true] {
+        let mut link = Link::new(shared(&tab), shared(&office), soc01(Role::Viewer), cursors);
+        if grouped {
+            link.run_grouped();
+        } else {
+            link.run();
+        }
+        assert_eq!(link.refused(), vec![(h, "read-only device".to_string())]);
+        assert!(link.synced().is_some(), "the session completes ({grouped})");
+        assert!(link.closed.is_empty(), "{:?}", link.closed);
+    }
+    assert_eq!(
+        office.household(h).unwrap().household.origin.as_deref(),
+        Some("Office")
+    );
 }

@@ -446,11 +446,11 @@ fn run(
                 } else {
                     close_code::PROTOCOL
                 };
-                if tx.try_send(Outgoing::Close(code, reason)).is_err() {
-                    // No room for the close frame: close the socket without it.
-                    if let Some(k) = kill {
-                        k.notify_one();
-                    }
+                let _ = tx.try_send(Outgoing::Close(code, reason));
+                // Closed at once, even behind frames a peer does not read: the connection
+                // gives its writer a moment for the close frame, then drops the socket.
+                if let Some(k) = kill {
+                    k.notify_one();
                 }
             }
         }

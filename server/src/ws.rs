@@ -128,13 +128,11 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
         drop(metrics);
     });
     let mut shutdown = app.shutdown.clone();
-    let mut killed = false;
     loop {
         tokio::select! {
             _ = kill.notified() => {
-                // Dropped by the engine (a peer that does not read): no frame can get
-                // through its full queue, so the socket closes without one.
-                killed = true;
+                // Dropped by the engine (a close, or a peer that does not read): stop
+                // reading; below, the writer gets a moment for what is queued, then goes.
                 break;
             }
             _ = shutdown.changed() => {
@@ -184,8 +182,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     // Let the writer flush a close frame, but never hang on a dead peer: a writer stuck
     // on a full socket is stopped, which drops the socket and the frames queued for it.
     let abort = writer.abort_handle();
-    let wait = if killed { 0 } else { 5 };
-    if tokio::time::timeout(std::time::Duration::from_secs(wait), writer)
+    if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
         .await
         .is_err()
     {

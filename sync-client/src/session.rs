@@ -58,17 +58,16 @@ pub struct RefusedDocument {
     pub id: relais_core::DocumentId,
     /// The server's reason: "read-only device" (the token's role may not write), "out of
     /// scope" (the document, or what the change makes of it, is outside the token's sites
-    /// and regions) or "erased".
+    /// and regions), "sites and campaigns are written by managers" (an enumerator's token
+    /// writes households only) or "erased".
     pub reason: String,
 }
 
-/// What one session has done to the local store, to tell its own writes from the app's.
+/// What one session has done, to tell its own writes from the app's.
 #[derive(Default)]
 struct Progress {
     /// Documents that received changes from the server.
     received: HashSet<relais_core::DocumentId>,
-    /// Feed sequences this session wrote: the server's changes, and tombstones.
-    written: HashSet<u64>,
     /// The app's writes up to this feed sequence have been offered to the server.
     offered: u64,
 }
@@ -160,7 +159,11 @@ pub(crate) async fn run(
         ..Default::default()
     };
     // Documents with local changes the server may lack: those written since the last sync.
-    let pushing = store.changes_since(cursors.local, usize::MAX)?.len();
+    let pushing: HashSet<relais_core::DocumentId> = store
+        .changes_since(cursors.local, usize::MAX)?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
     let mut progress = Progress {
         offered: store.last_seq()?,
         ..Default::default()
@@ -182,7 +185,7 @@ pub(crate) async fn run(
             &mut hub,
             step,
             &mut summary,
-            pushing,
+            &pushing,
             &mut progress,
             &mut sink,
             started,
@@ -327,7 +330,7 @@ async fn handle<S>(
     hub: &mut Hub<Arc<relais_core::store::Store>>,
     step: Step,
     summary: &mut SyncSummary,
-    pushing: usize,
+    pushing: &HashSet<relais_core::DocumentId>,
     progress: &mut Progress,
     sink: &mut S,
     started: Instant,
@@ -385,15 +388,18 @@ where
                 peer,
                 ..
             } => {
-                progress.written.extend(&seqs);
                 let mut local = advance_cursor(local_cursor, &seqs);
                 // A write the app made while this session ran, after it offered the local
                 // writes, is not on the server: the cursor stops before it, so the next sync
-                // offers it (the hub's cursor counts everything stored by then).
+                // offers it (the hub's cursor counts everything stored by then). Such a
+                // write shows as stored heads the hub does not hold, even when the session
+                // stored the server's changes to the same document after it. Tombstones and
+                // purges are the server's doing.
                 if let Some(first) = store
                     .changes_since(progress.offered, usize::MAX)?
                     .iter()
-                    .filter(|e| !progress.written.contains(&e.seq))
+                    .filter(|e| !e.meta.gone && !e.meta.info.erased)
+                    .filter(|e| !hub.holds(e.id, &e.meta.change_hashes()))
                     .map(|e| e.seq)
                     .min()
                 {
@@ -409,7 +415,12 @@ where
                     },
                 )?;
                 summary.documents_received = progress.received.len();
-                summary.documents_sent = pushing.saturating_sub(summary.documents_refused.len());
+                let refused = summary
+                    .documents_refused
+                    .iter()
+                    .filter(|r| pushing.contains(&r.id))
+                    .count();
+                summary.documents_sent = pushing.len() - refused;
                 summary.elapsed_ms = started.elapsed().as_millis() as u64;
                 replica.emit(ReplicaEvent::Synced(summary.clone()));
                 done = true;
@@ -417,7 +428,6 @@ where
             _ => {}
         }
     }
-    progress.written.extend(&seqs);
     if !done && !seqs.is_empty() {
         // What the server sent is on the server: move the local cursor over it when nothing
         // written here is waiting before it, so that `pending_documents` counts only local

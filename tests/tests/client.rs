@@ -259,24 +259,48 @@ async fn background_sync_pushes_local_writes_and_notifies_subscribers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registration_made_during_a_sync_is_pushed_by_the_next_one() {
+async fn writes_made_during_a_sync_are_pushed_by_the_next_one() {
+    use relais_core::household::HouseholdUpdate;
     let (dir, data, token) = seeded_data_dir();
     let server = Server::start(&data, &[]);
     let a = Arc::new(replica(dir.path(), "a"));
+    let b = replica(dir.path(), "b");
     a.sync(&server.url(), &token).await.unwrap();
+    let x = a
+        .ledger()
+        .register(household("SOC-01", "Edited on both"))
+        .unwrap();
+    a.sync(&server.url(), &token).await.unwrap();
+    // B edits X, so that A's next sync also stores the server's change to X.
+    b.sync(&server.url(), &token).await.unwrap();
+    b.ledger()
+        .update(
+            x,
+            &HouseholdUpdate {
+                contact: Some("+223 70 00 00 01".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    b.sync(&server.url(), &token).await.unwrap();
     for i in 0..20 {
         a.ledger()
             .register(household("SOC-01", &format!("Batch {i}")))
             .unwrap();
     }
-    // The app registers one more while the sync is pushing the others (the progress
-    // callback runs between frames, once the documents to push have been chosen).
+    // While the sync is pushing those (the progress callback runs between frames, once the
+    // documents to push have been chosen), the app registers one more and edits X.
     let during = Arc::new(std::sync::Mutex::new(None));
     let progress = {
         let (a, during) = (a.clone(), during.clone());
         Arc::new(move |left: usize, _received: usize| {
             let mut d = during.lock().unwrap();
             if left > 0 && d.is_none() {
+                let origin = HouseholdUpdate {
+                    origin: Some("Edited during the sync".into()),
+                    ..Default::default()
+                };
+                a.ledger().update(x, &origin).unwrap();
                 *d = Some(
                     a.ledger()
                         .register(household("SOC-01", "Made during the sync"))
@@ -290,22 +314,24 @@ async fn a_registration_made_during_a_sync_is_pushed_by_the_next_one() {
         ..Default::default()
     };
     let first = a.sync_with(&server.url(), &token, &opts).await.unwrap();
-    let id = during.lock().unwrap().expect("registered during the sync");
+    let id = during.lock().unwrap().expect("written during the sync");
     assert_eq!(first.documents_sent, 20);
     assert_eq!(
         a.status().unwrap().pending_documents,
-        1,
-        "the registration made during the sync still waits to be pushed"
+        2,
+        "the registration and the edit made during the sync still wait to be pushed"
     );
     let second = a.sync(&server.url(), &token).await.unwrap();
-    assert_eq!(second.documents_sent, 1);
+    assert_eq!(second.documents_sent, 2);
     assert_eq!(a.status().unwrap().pending_documents, 0);
-    let b = replica(dir.path(), "b");
     b.sync(&server.url(), &token).await.unwrap();
     assert_eq!(
         b.ledger().household(id).unwrap().household.head_name,
         "Made during the sync"
     );
+    let both = b.ledger().household(x).unwrap().household;
+    assert_eq!(both.origin.as_deref(), Some("Edited during the sync"));
+    assert_eq!(both.contact.as_deref(), Some("+223 70 00 00 01"));
     assert!(server.stop().success());
 }
 

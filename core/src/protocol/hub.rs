@@ -192,7 +192,8 @@ pub enum Event {
         conn: ConnId,
         /// The document.
         id: DocumentId,
-        /// The remote's reason ("read-only device", "out of scope", "erased").
+        /// The remote's reason ("read-only device", "out of scope", "sites and campaigns are
+        /// written by managers", "erased").
         reason: String,
     },
     /// An outbound connection is fully in sync: everything this replica holds is confirmed
@@ -459,16 +460,22 @@ impl Refuse {
         }
     }
 
-    /// What the device is told, if anything: nothing of a tombstone it may not read, which
-    /// an unknown id would not have.
-    fn told(self) -> Option<&'static str> {
-        Some(match self {
+    /// What `identity` is told: never more than an unknown id would get it told. A viewer
+    /// hears "read-only device" whatever the document (no change of a viewer is taken, so
+    /// that is true of an unknown id too); a writer hears "out of scope" for a document or
+    /// tombstone it may not read, as for an unknown id whose content is out of its scope.
+    fn told(self, identity: &Identity) -> &'static str {
+        if identity.role == Role::Viewer {
+            return "read-only device";
+        }
+        match self {
             Refuse::Erased => "erased",
-            Refuse::ErasedUnreadable => return None,
-            Refuse::OutOfScope | Refuse::ChangeOutOfScope => "out of scope",
+            Refuse::ErasedUnreadable | Refuse::OutOfScope | Refuse::ChangeOutOfScope => {
+                "out of scope"
+            }
             Refuse::ReadOnly => "read-only device",
             Refuse::ReferenceData => "sites and campaigns are written by managers",
-        })
+        }
     }
 
     /// The reason for a change `identity` may not make to a document it may read.
@@ -700,6 +707,19 @@ impl<S: HubStore> Hub<S> {
             },
         );
         step
+    }
+
+    /// True when this hub holds document `id` in memory with exactly `heads` (in any
+    /// order): what a finished session exchanged. A store write it does not hold (the app's,
+    /// made during a session) was not exchanged.
+    pub fn holds(&self, id: DocumentId, heads: &[ChangeHash]) -> bool {
+        self.docs.get(&id).is_some_and(|d| {
+            let mut mine = d.doc.get_heads();
+            let mut theirs = heads.to_vec();
+            mine.sort();
+            theirs.sort();
+            mine == theirs
+        })
     }
 
     /// Documents an outbound connection is still syncing.
@@ -1190,7 +1210,17 @@ impl<S: HubStore> Hub<S> {
                     // The listing is the server's word on its heads now.
                     st.their_heads = Some(theirs);
                 }
-                self.start_sync(conn, id, step);
+                // Refused in this session, its heads differ for good (this replica holds the
+                // refused change); waiting for them to match would never end. The exchange
+                // under way still brings what the server has.
+                let refused = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|c| c.outbound.as_ref())
+                    .is_some_and(|o| o.refused.contains(&id));
+                if !refused {
+                    self.start_sync(conn, id, step);
+                }
             }
         }
         // Cursor 0 marks a live notice, not a reply to a listing.
@@ -1552,9 +1582,11 @@ impl<S: HubStore> Hub<S> {
                 .iter()
                 .any(|h| doc.get_change_by_hash(h).is_none());
             if unknown || !sync_msg.changes.is_empty() {
-                let again = !sync_msg.changes.is_empty();
+                // Told every time: a client made to wait for the document again (its next
+                // message carries heads only) must hear it again. Clients never answer a
+                // notice, so this cannot loop.
                 let why = Refuse::denied_to(&identity);
-                self.refuse_once(conn, &identity, id, why, again, step);
+                self.refuse_once(conn, &identity, id, why, true, step);
             }
         }
         self.ensure_state(conn, id, can_write);
@@ -1613,16 +1645,11 @@ impl<S: HubStore> Hub<S> {
                     let c = self.conns.get_mut(&conn).expect("checked");
                     let n = c.unapplied.entry(id).or_insert(0);
                     *n += 1;
-                    if queued > MAX_QUEUED_BYTES {
-                        // Across connections and reconnects; the queue goes with the copy.
-                        self.docs.remove(&id);
-                        return self.fail(
-                            step,
-                            conn,
-                            format!("document {id}: over {MAX_QUEUED_BYTES} bytes of changes with missing dependencies"),
-                        );
+                    let n = *n;
+                    if self.over_queue(conn, id, queued, step) {
+                        return;
                     }
-                    if *n > MAX_UNAPPLIED {
+                    if n > MAX_UNAPPLIED {
                         // Reloaded from the store when next needed, without the queue.
                         self.docs.remove(&id);
                         return self.fail(
@@ -1656,8 +1683,21 @@ impl<S: HubStore> Hub<S> {
                     }
                     return self.unavailable(conn, m.document_id, step);
                 }
+                // Changes still waiting for dependencies came with these: they count against
+                // the same bounds as a message that applied nothing.
+                let still_queued = !candidate.get_missing_deps(&[]).is_empty();
+                let queued = if still_queued {
+                    self.docs[&id].queued_bytes + m.data.len()
+                } else {
+                    0
+                };
+                if self.over_queue(conn, id, queued, step) {
+                    return;
+                }
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.unapplied.remove(&id);
+                    if !still_queued {
+                        c.unapplied.remove(&id);
+                    }
                 }
                 if info.kind == DocKind::Site || old_info.kind == DocKind::Site {
                     // Read again from the site's own document when next needed.
@@ -1668,9 +1708,7 @@ impl<S: HubStore> Hub<S> {
                 let entry = self.docs.get_mut(&id).expect("loaded above");
                 entry.doc = candidate;
                 entry.info = info.clone();
-                if entry.doc.get_missing_deps(&[]).is_empty() {
-                    entry.queued_bytes = 0;
-                }
+                entry.queued_bytes = queued;
                 let base = std::mem::take(&mut entry.persisted);
                 step.writes
                     .push(DocWrite::from_doc(id, info.clone(), &entry.doc, base));
@@ -1698,6 +1736,24 @@ impl<S: HubStore> Hub<S> {
         // Done once the remote reported our exact heads.
         self.reply(conn, id, step);
         self.maybe_done(conn, id, step);
+    }
+
+    /// Past [`MAX_QUEUED_BYTES`] of changes waiting for dependencies in document `id` (over
+    /// all peers and reconnects), drops its copy with the queue, to be reloaded from the
+    /// store when next needed, and closes the sender's connection.
+    fn over_queue(&mut self, conn: ConnId, id: DocumentId, queued: usize, step: &mut Step) -> bool {
+        if queued <= MAX_QUEUED_BYTES {
+            return false;
+        }
+        self.docs.remove(&id);
+        self.fail(
+            step,
+            conn,
+            format!(
+                "document {id}: over {MAX_QUEUED_BYTES} bytes of changes with missing dependencies"
+            ),
+        );
+        true
     }
 
     /// The remote of outbound connection `conn` reported holding exactly this replica's
@@ -1939,9 +1995,7 @@ impl<S: HubStore> Hub<S> {
         if first {
             step.refused(identity, id, why.audited());
         }
-        let Some(told) = why.told() else {
-            return;
-        };
+        let told = why.told(identity);
         if (first || again) && c.ext && c.outbound.is_none() {
             let target_id = c.peer_id.clone();
             step.send(

@@ -255,8 +255,8 @@ pub struct FeedDoc {
 pub struct Refusal {
     /// Document id (bs58check text).
     pub document_id: String,
-    /// Why, in words a data manager can act on ("read-only device", "change out of scope",
-    /// "out of scope", "erased").
+    /// Why, in words a data manager can act on ("read-only device", "out of scope", "sites
+    /// and campaigns are written by managers", "erased").
     pub reason: String,
 }
 
