@@ -297,6 +297,9 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
     let gao = office
         .register(new_household("GAO-01", "Out of scope"))
         .unwrap();
+    // And a tombstone out of scope.
+    let erased = office.register(new_household("GAO-01", "Erased")).unwrap();
+    office.store().erase_household(erased, "admin").unwrap();
     let tab = ledger(dir.path(), "tab");
     let who = soc01_enumerator();
     let mut link = Link::new(shared(&tab), shared(&office), who.clone(), (0, 0));
@@ -386,6 +389,15 @@ fn scoped_device_gets_only_its_sites_and_cannot_probe() {
         &relais_core::DocumentId::random().to_string(),
     );
     assert_eq!(a, b);
+    let c = sync_answer(&mut link.server, &erased.to_string());
+    assert_eq!(c, b, "a tombstone out of scope answers as an unknown id");
+    assert_eq!(
+        answer(&mut link.server, &erased.to_string()),
+        answer(
+            &mut link.server,
+            &relais_core::DocumentId::random().to_string()
+        )
+    );
 }
 
 #[test]

@@ -1508,30 +1508,30 @@ impl<S: HubStore> Hub<S> {
             }
         };
         let identity = self.conns[&conn].identity.clone();
-        if loaded && self.docs[&id].info.erased {
+        let readable = loaded && identity.can_read(&self.docs[&id].info);
+        let erased = loaded && self.docs[&id].info.erased;
+        if erased && readable {
             // A tombstone: nobody gets it back, nobody brings it back. A device that may
             // have held it is told to purge its copy.
-            let info = self.docs[&id].info.clone();
             if !sync_msg.changes.is_empty() || !sync_msg.heads.is_empty() {
-                let why = if identity.can_read(&info) {
-                    Refuse::Erased
-                } else {
-                    Refuse::ErasedUnreadable
-                };
                 let again = !sync_msg.changes.is_empty();
-                self.refuse_once(conn, &identity, id, why, again, step);
+                self.refuse_once(conn, &identity, id, Refuse::Erased, again, step);
             }
-            if identity.can_read(&info) {
-                self.purge_notice(conn, id, true, step);
-            }
+            self.purge_notice(conn, id, true, step);
             return self.unavailable(conn, m.document_id, step);
         }
-        // An empty placeholder (made for an earlier message) is not a known document.
-        let known = loaded && !self.docs[&id].doc.get_heads().is_empty();
-        if known && !identity.can_read(&self.docs[&id].info) {
+        // An empty placeholder (made for an earlier message) is not a known document; a
+        // tombstone is, and one the device may not read answers as out of scope.
+        let known = loaded && (erased || !self.docs[&id].doc.get_heads().is_empty());
+        if known && !readable {
             // Out of scope answers exactly as unknown, so ids cannot be probed.
             if !sync_msg.changes.is_empty() {
-                self.refuse_once(conn, &identity, id, Refuse::OutOfScope, true, step);
+                let why = if erased {
+                    Refuse::ErasedUnreadable
+                } else {
+                    Refuse::OutOfScope
+                };
+                self.refuse_once(conn, &identity, id, why, true, step);
             }
             if is_request || !sync_msg.changes.is_empty() {
                 return self.unavailable(conn, m.document_id, step);
