@@ -1957,22 +1957,12 @@ impl<S: HubStore> Hub<S> {
             .map(|(cid, _)| (*cid, self.conns[cid].peer_id.clone()))
             .collect();
         for (cid, peer) in notify {
-            step.send(
-                cid,
-                &Message::Changes {
-                    sender_id: self.cfg.peer_id.clone(),
-                    target_id: peer,
-                    docs: vec![FeedDoc {
-                        document_id: id.to_string(),
-                        heads: heads.clone(),
-                    }],
-                    cursor: 0,
-                    more: false,
-                    purge: Vec::new(),
-                    erased: Vec::new(),
-                    refused: Vec::new(),
-                },
-            );
+            let doc = FeedDoc {
+                document_id: id.to_string(),
+                heads: heads.clone(),
+            };
+            let notice = self.live_notice(peer, vec![doc], Vec::new(), Vec::new(), Vec::new());
+            step.send(cid, &notice);
         }
     }
 
@@ -1997,23 +1987,14 @@ impl<S: HubStore> Hub<S> {
         }
         let told = why.told(identity);
         if (first || again) && c.ext && c.outbound.is_none() {
-            let target_id = c.peer_id.clone();
-            step.send(
-                conn,
-                &Message::Changes {
-                    sender_id: self.cfg.peer_id.clone(),
-                    target_id,
-                    docs: Vec::new(),
-                    cursor: 0,
-                    more: false,
-                    purge: Vec::new(),
-                    erased: Vec::new(),
-                    refused: vec![Refusal {
-                        document_id: id.to_string(),
-                        reason: told.into(),
-                    }],
-                },
-            );
+            let refusal = Refusal {
+                document_id: id.to_string(),
+                reason: told.into(),
+            };
+            let target = c.peer_id.clone();
+            let notice =
+                self.live_notice(target, Vec::new(), Vec::new(), Vec::new(), vec![refusal]);
+            step.send(conn, &notice);
         }
     }
 
@@ -2027,19 +2008,35 @@ impl<S: HubStore> Hub<S> {
             return;
         }
         let doc = id.to_string();
-        step.send(
-            conn,
-            &Message::Changes {
-                sender_id: self.cfg.peer_id.clone(),
-                target_id: c.peer_id.clone(),
-                docs: Vec::new(),
-                cursor: 0,
-                more: false,
-                purge: vec![doc.clone()],
-                erased: if erased { vec![doc] } else { Vec::new() },
-                refused: Vec::new(),
-            },
-        );
+        let erased = if erased {
+            vec![doc.clone()]
+        } else {
+            Vec::new()
+        };
+        let notice = self.live_notice(c.peer_id.clone(), Vec::new(), vec![doc], erased, Vec::new());
+        step.send(conn, &notice);
+    }
+
+    /// A `relais-changes` sent unasked to a Relais client: cursor 0 marks it as a live
+    /// notice, not a page of a listing it requested.
+    fn live_notice(
+        &self,
+        target_id: String,
+        docs: Vec<FeedDoc>,
+        purge: Vec<String>,
+        erased: Vec<String>,
+        refused: Vec<Refusal>,
+    ) -> Message {
+        Message::Changes {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id,
+            docs,
+            cursor: 0,
+            more: false,
+            purge,
+            erased,
+            refused,
+        }
     }
 
     /// A document was erased (or, with `erased` false, removed because it left this
