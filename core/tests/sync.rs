@@ -113,7 +113,37 @@ impl Link {
     }
 
     fn deliver(&mut self, grouped: bool) {
-        for _ in 0..1_000_000 {
+        if self.deliver_frames(1_000_000, grouped) {
+            panic!("sync did not quiesce");
+        }
+    }
+
+    /// Delivers in rounds, as the adapters do under load: each side takes every frame
+    /// waiting for it, then commits once.
+    fn run_rounds(&mut self) {
+        for _ in 0..100_000 {
+            if self.to_server.is_empty() && self.to_client.is_empty() {
+                return;
+            }
+            let mut step = Step::default();
+            while let Some(f) = self.to_server.pop_front() {
+                self.frames += 1;
+                step.absorb(self.server.receive(S, &f));
+            }
+            self.absorb_server(step);
+            let mut step = Step::default();
+            while let Some(f) = self.to_client.pop_front() {
+                self.frames += 1;
+                step.absorb(self.client.receive(C, &f));
+            }
+            self.absorb_client(step);
+        }
+        panic!("sync did not quiesce");
+    }
+
+    /// Delivers up to `n` frames (or rounds, when grouped); true if some are left.
+    fn deliver_frames(&mut self, n: usize, grouped: bool) -> bool {
+        for _ in 0..n {
             if !self.to_server.is_empty() {
                 let mut step = Step::default();
                 while let Some(f) = self.to_server.pop_front() {
@@ -129,10 +159,10 @@ impl Link {
                 let step = self.client.receive(C, &f);
                 self.absorb_client(step);
             } else {
-                return;
+                return false;
             }
         }
-        panic!("sync did not quiesce");
+        true
     }
 
     /// The documents the server refused in this session, with the reason it gave.
@@ -1480,4 +1510,131 @@ fn a_refused_document_the_server_also_changed_does_not_hold_the_sync() {
         office.household(h).unwrap().household.origin.as_deref(),
         Some("Office")
     );
+}
+
+#[test]
+fn a_store_write_that_bypasses_the_hub_during_a_session_is_offered_next_session() {
+    use relais_core::household::HouseholdUpdate;
+    let dir = tempfile::tempdir().unwrap();
+    let (office, tab, cursors) = provisioned(dir.path(), false);
+    let pushed = register_names(&tab, &NAMES[..2]);
+    let both = office.register(new_household("SOC-01", "Both")).unwrap();
+    let mut link = admin_link(&tab, &office, cursors);
+    link.run();
+    let cursors = link.synced().unwrap();
+    let edit = |l: &Ledger, id, origin: &str| {
+        l.update(
+            id,
+            &HouseholdUpdate {
+                origin: Some(origin.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // Edited on both sides while apart: the session merges them in memory before it
+    // stores the result, which must not hold the cursor (reconnect below offers nothing).
+    edit(&office, both, "Office");
+    edit(&tab, both, "Tablet");
+    let mut link = admin_link(&tab, &office, cursors);
+    // The handshake (join, peer): the tablet has now chosen what to push.
+    assert!(link.deliver_frames(2, false));
+    // Written to the store while the session runs, past the hub: a new registration, and an
+    // edit of a household the session has loaded to push (as the admin API writes on a
+    // sub-office, or an app on a tablet, before the hub is told).
+    let late = tab.register(new_household("SOC-01", "Late")).unwrap();
+    from_menaka(&tab, pushed[0]);
+    let first_late = tab.store().meta(late).unwrap().unwrap().seq;
+    link.run_rounds();
+    let (remote, local) = link.synced().expect("the session completes");
+    assert!(
+        local < first_late,
+        "the cursor ({local}) passed a write the server lacks"
+    );
+    // ...and no earlier: the household merged in memory is on the server.
+    assert_eq!(local, first_late - 1);
+    assert!(office.store().meta(late).unwrap().is_none());
+
+    let mut next = admin_link(&tab, &office, (remote, local));
+    next.run();
+    let cursors = next.synced().expect("the next session completes");
+    assert_eq!(office.household(late).unwrap().household.head_name, "Late");
+    assert_eq!(
+        office
+            .household(pushed[0])
+            .unwrap()
+            .household
+            .origin
+            .as_deref(),
+        Some("Ménaka")
+    );
+    assert_eq!(
+        tab.household(both).unwrap().household.origin,
+        office.household(both).unwrap().household.origin
+    );
+    // Everything is on both sides now: a reconnect offers nothing.
+    let mut again = admin_link(&tab, &office, cursors);
+    again.run();
+    assert!(again.synced().is_some());
+    assert_eq!(again.frames, 4, "a reconnect with nothing new");
+}
+
+#[test]
+fn a_rescoped_token_lists_everything_again_page_by_page_and_scans_in_bounded_steps() {
+    use relais_core::access::FormerScope;
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let mine = register_names(&office, &NAMES);
+    // Gao's households, which the SOC-01 token may not read: many feed entries to skip.
+    let gao: Vec<_> = (0..40)
+        .map(|i| {
+            office
+                .register(new_household("GAO-01", &format!("Gao {i}")))
+                .unwrap()
+        })
+        .collect();
+    let tab = ledger(dir.path(), "tab");
+    // The token covered GAO-01 until its scope changed, after all of that was written.
+    let mut who = soc01_enumerator();
+    who.former = Some(FormerScope {
+        scope: Scope {
+            regions: Vec::new(),
+            sites: vec!["SOC-01".into(), "GAO-01".into()],
+        },
+        seq: office.store().last_seq().unwrap(),
+    });
+    let server = Hub::new(
+        HubConfig {
+            peer_id: "relais-server-office".into(),
+            feed_page: 2,
+            ..HubConfig::default()
+        },
+        shared(&office),
+    );
+    let mut link = Link::on(server, shared(&tab), who, (0, 0));
+    assert!(
+        !link.deliver_frames(10_000, false),
+        "the listing started over at every page"
+    );
+    assert!(link.synced().is_some(), "{:?}", link.closed);
+    for id in &mine {
+        assert!(tab.household(*id).is_ok());
+    }
+    assert!(gao
+        .iter()
+        .all(|id| tab.store().meta(*id).unwrap().is_none()));
+
+    // 50 more Gao households, which this token skips: 25 pages of the feed. A reply scans
+    // at most MAX_SCANNED_PAGES of them, so the tablet asks three times.
+    for i in 0..50 {
+        office
+            .register(new_household("GAO-01", &format!("Later {i}")))
+            .unwrap();
+    }
+    let cursors = link.synced().unwrap();
+    let mut next = Link::on(link.server, shared(&tab), soc01_enumerator(), cursors);
+    assert!(!next.deliver_frames(10_000, false));
+    assert!(next.synced().is_some(), "{:?}", next.closed);
+    assert_eq!(next.frames, 2 + 3 * 2, "join and peer, then three listings");
 }

@@ -207,6 +207,29 @@ pub async fn run(
     }
 }
 
+/// The slowest link a send is given time for: 1 KiB/s, a fifth of a poor 2G link.
+const SLOWEST_LINK_BYTES_PER_SEC: usize = 1024;
+
+/// How long a close frame may take to leave before the socket is dropped anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Sends one message, giving up after `limit`. A link whose far end stopped reading (a
+/// dead 2G route that sends no reset) fills the socket's buffer and would block the send
+/// for ever; meanwhile nothing is read and the idle check never runs.
+async fn send_within<S>(sink: &mut S, msg: WsMessage, limit: Duration) -> Result<(), String>
+where
+    S: futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send failed: {e}")),
+        Err(_) => Err(format!(
+            "upstream took nothing for {} s; reconnecting",
+            limit.as_secs()
+        )),
+    }
+}
+
 async fn session(
     cfg: &Upstream,
     trust: &TlsTrust,
@@ -276,21 +299,23 @@ async fn session(
     let result = loop {
         tokio::select! {
             _ = ping.tick() => {
-                if let Err(e) = sink.send(WsMessage::Ping(Vec::new().into())).await {
-                    break Err(format!("send failed: {e}"));
+                if let Err(e) = send_within(&mut sink, WsMessage::Ping(Vec::new().into()), idle).await {
+                    break Err(e);
                 }
             }
             out = out_rx.recv() => match out {
                 Some(Outgoing::Frame(bytes)) => {
                     let len = bytes.len();
-                    let sent = sink.send(WsMessage::Binary(bytes.into())).await;
+                    // More time for a bigger frame, so that a slow but live link is not cut.
+                    let limit = idle + Duration::from_secs((len / SLOWEST_LINK_BYTES_PER_SEC) as u64);
+                    let sent = send_within(&mut sink, WsMessage::Binary(bytes.into()), limit).await;
                     queued.fetch_sub(len, Ordering::Relaxed);
                     if let Err(e) = sent {
-                        break Err(format!("send failed: {e}"));
+                        break Err(e);
                     }
                 }
                 Some(Outgoing::Close(_, reason)) => {
-                    let _ = sink.send(WsMessage::Close(None)).await;
+                    let _ = send_within(&mut sink, WsMessage::Close(None), CLOSE_GRACE).await;
                     break Err(format!("closed here: {reason}"));
                 }
                 None => break Err("engine dropped the link".into()),
@@ -316,4 +341,39 @@ async fn session(
     };
     engine.send(Input::Disconnect { conn }).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A socket whose far end never reads: it never has room for another message.
+    struct Stuck;
+
+    impl futures_util::Sink<WsMessage> for Stuck {
+        type Error = tokio_tungstenite::tungstenite::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn start_send(self: Pin<&mut Self>, _: WsMessage) -> Result<(), Self::Error> {
+            unreachable!("never ready")
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_to_an_upstream_that_does_not_read_gives_up() {
+        let started = tokio::time::Instant::now();
+        let r = send_within(&mut Stuck, WsMessage::Binary(vec![1].into()), IDLE_TIMEOUT).await;
+        let err = r.expect_err("a stuck send must fail");
+        assert!(err.contains("took nothing for 120 s"), "{err}");
+        assert_eq!(started.elapsed(), IDLE_TIMEOUT);
+    }
 }

@@ -63,6 +63,9 @@ pub struct RefusedDocument {
     pub reason: String,
 }
 
+/// The slowest link a send is given time for: 1 KiB/s, a fifth of a poor 2G link.
+const SLOWEST_LINK_BYTES_PER_SEC: usize = 1024;
+
 /// What one session has done, to tell its own writes from the app's.
 #[derive(Default)]
 struct Progress {
@@ -388,23 +391,10 @@ where
                 peer,
                 ..
             } => {
-                let mut local = advance_cursor(local_cursor, &seqs);
-                // A write the app made while this session ran, after it offered the local
-                // writes, is not on the server: the cursor stops before it, so the next sync
-                // offers it (the hub's cursor counts everything stored by then). Such a
-                // write shows as stored heads the hub does not hold, even when the session
-                // stored the server's changes to the same document after it. Tombstones and
-                // purges are the server's doing.
-                if let Some(first) = store
-                    .changes_since(progress.offered, usize::MAX)?
-                    .iter()
-                    .filter(|e| !e.meta.gone && !e.meta.info.erased)
-                    .filter(|e| !hub.holds(e.id, &e.meta.change_hashes()))
-                    .map(|e| e.seq)
-                    .min()
-                {
-                    local = local.min(first - 1);
-                }
+                // The hub's cursor stops before any stored version the server is not known
+                // to hold, such as a write the app made while this session ran; what this
+                // round stored from the server is on the server.
+                let local = advance_cursor(local_cursor, &seqs);
                 replica.save_cursors(
                     url,
                     &Cursors {
@@ -440,17 +430,31 @@ where
         }
     }
     let sent = !step.sends.is_empty();
-    for (_, frame) in step.sends {
-        summary.frames_sent += 1;
-        summary.bytes_sent += frame.len() as u64;
-        sink.feed(WsMessage::Binary(frame.into()))
-            .await
-            .map_err(|e| ClientError::Network(e.to_string()))?;
-    }
-    if sent {
-        sink.flush()
-            .await
-            .map_err(|e| ClientError::Network(e.to_string()))?;
+    let bytes: usize = step.sends.iter().map(|(_, f)| f.len()).sum();
+    // A server that stopped reading (a dead route that sends no reset) would otherwise hold
+    // the send, where the idle timeout does not run, until TCP gives up many minutes later.
+    // The budget grows with the bytes, so that a slow but live 2G link is not cut.
+    let budget =
+        opts.idle_timeout + Duration::from_secs((bytes / SLOWEST_LINK_BYTES_PER_SEC) as u64);
+    let send = async {
+        for (_, frame) in step.sends {
+            summary.frames_sent += 1;
+            summary.bytes_sent += frame.len() as u64;
+            sink.feed(WsMessage::Binary(frame.into())).await?;
+        }
+        if sent {
+            sink.flush().await?;
+        }
+        Ok::<(), tungstenite::Error>(())
+    };
+    match tokio::time::timeout(budget, send).await {
+        Ok(r) => r.map_err(|e| ClientError::Network(e.to_string()))?,
+        Err(_) => {
+            return Err(ClientError::Network(format!(
+                "the server took nothing for {} s",
+                budget.as_secs()
+            )))
+        }
     }
     if let Some((_, reason)) = step.closes.into_iter().next() {
         let _ = sink.send(WsMessage::Close(None)).await;

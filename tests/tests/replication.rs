@@ -520,6 +520,29 @@ async fn three_servers_converge_through_partitions_and_restarts() {
 
 /// An erasure at Bamako reaches the office as a tombstone, and the office's tablets purge
 /// their copies at their next sync.
+/// Registers one SOC-01 household on `tab` once the site has reached it through `office`,
+/// and pushes it there.
+async fn register_through(tab: &Replica, office: &Server, token: &str, name: &str) -> DocumentId {
+    let mut h = None;
+    for _ in 0..40 {
+        let _ = tab.sync(&office.url(), token).await;
+        if tab
+            .ledger()
+            .sites()
+            .unwrap()
+            .iter()
+            .any(|s| s.code == "SOC-01")
+        {
+            h = Some(tab.ledger().register(household("SOC-01", name)).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let h = h.expect("reference data reached the tablet through the office");
+    tab.sync(&office.url(), token).await.unwrap();
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_at_bamako_reaches_an_office_and_its_tablets() {
     let root = tempfile::tempdir().unwrap();
@@ -545,27 +568,7 @@ async fn an_erasure_at_bamako_reaches_an_office_and_its_tablets() {
         &["--upstream", &upstream, "--upstream-token", &up],
     );
     let tab = replica(root.path(), "tab");
-    let mut h = None;
-    for _ in 0..40 {
-        let _ = tab.sync(&mopti.url(), &tab_token).await;
-        if tab
-            .ledger()
-            .sites()
-            .unwrap()
-            .iter()
-            .any(|s| s.code == "SOC-01")
-        {
-            h = Some(
-                tab.ledger()
-                    .register(household("SOC-01", "Erased Upstream"))
-                    .unwrap(),
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let h = h.expect("reference data reached the tablet through the office");
-    tab.sync(&mopti.url(), &tab_token).await.unwrap();
+    let h = register_through(&tab, &mopti, &tab_token, "Erased Upstream").await;
     // Wait until Bamako has it, then erase it there.
     let mut erased = false;
     for _ in 0..40 {
@@ -640,4 +643,97 @@ async fn a_quiet_upstream_link_stays_up() {
     assert_eq!(v["connected"], true, "{v}");
     assert_eq!(v["connects"], 1, "the link never dropped: {v}");
     assert!(v["last_error"].is_null(), "{v}");
+}
+
+/// An office whose upstream token may not write (a viewer's) still completes its syncs:
+/// Bamako refuses the office's households, the office logs and counts each refusal, keeps
+/// them as pending, and offers them again once the token may write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_upstream_refuses_is_counted_kept_and_offered_again() {
+    let root = tempfile::tempdir().unwrap();
+    let bamako_data = data_dir(root.path(), "bamako");
+    seed_reference(&bamako_data);
+    let b_admin = create_token(&bamako_data, "admin", &["--role", "admin"]);
+    let up = create_token(
+        &bamako_data,
+        "mopti-office",
+        &["--role", "viewer", "--regions", "Mopti"],
+    );
+    let bamako = Server::start(&bamako_data, &[]);
+    let mopti_data = data_dir(root.path(), "mopti");
+    let m_admin = create_token(&mopti_data, "admin", &["--role", "admin"]);
+    let tab_token = create_token(&mopti_data, "tab", &["--role", "admin"]);
+    let mopti = Server::start(
+        &mopti_data,
+        &["--upstream", &bamako.url(), "--upstream-token", &up],
+    );
+    let tab = replica(root.path(), "tab");
+    let h = register_through(&tab, &mopti, &tab_token, "Refused Upstream").await;
+    let mut counted = false;
+    for _ in 0..40 {
+        let (_, metrics) = http(mopti.addr, "GET", "/metrics", None, None);
+        if metrics.contains("relais_upstream_refused_total 1") {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(counted, "the office never counted Bamako's refusal");
+    // The sync with Bamako completes, and the household stays pending there.
+    let mut v = get(&mopti, "/api/v1/upstream", &m_admin);
+    for _ in 0..40 {
+        if v["in_flight_documents"] == 0 && v["last_full_sync"].as_i64().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        v = get(&mopti, "/api/v1/upstream", &m_admin);
+    }
+    assert!(v["last_full_sync"].as_i64().is_some(), "{v}");
+    assert_eq!(v["pending_documents"], 1, "{v}");
+    let seer = replica(root.path(), "bamako-tab");
+    seer.sync(&bamako.url(), &b_admin).await.unwrap();
+    assert!(seer.ledger().store().meta(h).unwrap().is_none());
+    let (_, audit) = http(
+        bamako.addr,
+        "GET",
+        "/api/v1/audit?action=refused-write",
+        Some(&b_admin),
+        None,
+    );
+    assert!(audit.contains(&h.to_string()), "{audit}");
+
+    // Bamako gives the office a token that may write: at its next session (a restart here),
+    // the office pushes what was refused.
+    assert!(mopti.stop().success());
+    let (status, body) = http(
+        bamako.addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(&b_admin),
+        Some(r#"{"name":"mopti-office-2","role":"replica","regions":["Mopti"]}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let up: Value = serde_json::from_str(&body).unwrap();
+    let up = up["token"].as_str().unwrap();
+    let mopti = Server::start(
+        &mopti_data,
+        &["--upstream", &bamako.url(), "--upstream-token", up],
+    );
+    let mut arrived = false;
+    for _ in 0..40 {
+        let v = get(&mopti, "/api/v1/upstream", &m_admin);
+        if v["pending_documents"] == 0 && v["last_full_sync"].as_i64().is_some() {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(arrived, "the refused household was never offered again");
+    seer.sync(&bamako.url(), &b_admin).await.unwrap();
+    assert_eq!(
+        seer.ledger().household(h).unwrap().household.head_name,
+        "Refused Upstream"
+    );
+    assert!(mopti.stop().success());
+    assert!(bamako.stop().success());
 }

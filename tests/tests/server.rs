@@ -443,6 +443,25 @@ async fn admin_api_adds_reference_data_and_revocation_is_immediate() {
         "viewer-1",
         &["--role", "viewer", "--sites", "SOC-01"],
     );
+    // The same rule on the command line: a forgotten --sites fails, and makes no token.
+    let d = data.to_str().unwrap();
+    let out = relais(&[
+        "token",
+        "create",
+        "--data",
+        d,
+        "--name",
+        "tab-y",
+        "--role",
+        "enumerator",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs sites or regions"), "{err}");
+    let listed = relais_ok(&["token", "list", "--data", d]);
+    assert!(!listed.contains("tab-y"), "{listed}");
+    let all = create_token(&data, "tab-all", &["--role", "viewer", "--all"]);
+    assert!(!all.is_empty());
     let server = Server::start(&data, &[]);
     let site = r#"{"code":"SOC-03","name":"Bandiagara museum","kind":"collective-centre","admin1":"Mopti","admin2":"Bandiagara","admin3":null}"#;
     assert_eq!(

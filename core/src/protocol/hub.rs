@@ -138,6 +138,10 @@ pub struct Step {
     batch: Option<OpenBatch>,
 }
 
+/// Feed pages one `relais-changes` reply scans at most, however few of their entries the
+/// device may read.
+pub const MAX_SCANNED_PAGES: usize = 10;
+
 /// Documents in one `relais-sync-batch` frame at most.
 pub const BATCH_DOCS: usize = 256;
 
@@ -351,6 +355,9 @@ struct Outbound {
     expected_peer: Option<String>,
     /// Documents the remote refused in this session (see [`Event::Refused`]).
     refused: HashSet<DocumentId>,
+    /// Documents the remote told this replica to purge in this session: their tombstone or
+    /// `gone` record, written by the adapter after the event, is the remote's doing.
+    purged: HashSet<DocumentId>,
 }
 
 /// Documents waiting for a place in an outbound window, in order, each once. Removal is
@@ -418,6 +425,9 @@ struct Conn {
     /// Per document: this peer's sync messages in a row whose changes all waited in
     /// automerge's queue for missing dependencies.
     unapplied: HashMap<DocumentId, u32>,
+    /// A listing of everything started over on this connection because the token's scope
+    /// changed (see [`Identity::former`]): the pages that follow continue it.
+    relisted: bool,
 }
 
 /// The fields of a `relais-changes` message.
@@ -656,6 +666,7 @@ impl<S: HubStore> Hub<S> {
                 refused: HashSet::new(),
                 read_audited: HashSet::new(),
                 unapplied: HashMap::new(),
+                relisted: false,
             },
         );
     }
@@ -687,6 +698,7 @@ impl<S: HubStore> Hub<S> {
                 refused: HashSet::new(),
                 read_audited: HashSet::new(),
                 unapplied: HashMap::new(),
+                relisted: false,
                 outbound: Some(Outbound {
                     remote_cursor,
                     local_cursor,
@@ -707,19 +719,6 @@ impl<S: HubStore> Hub<S> {
             },
         );
         step
-    }
-
-    /// True when this hub holds document `id` in memory with exactly `heads` (in any
-    /// order): what a finished session exchanged. A store write it does not hold (the app's,
-    /// made during a session) was not exchanged.
-    pub fn holds(&self, id: DocumentId, heads: &[ChangeHash]) -> bool {
-        self.docs.get(&id).is_some_and(|d| {
-            let mut mine = d.doc.get_heads();
-            let mut theirs = heads.to_vec();
-            mine.sort();
-            theirs.sort();
-            mine == theirs
-        })
     }
 
     /// Documents an outbound connection is still syncing.
@@ -1126,6 +1125,7 @@ impl<S: HubStore> Hub<S> {
             o.pushed_since_listing = true;
             // Offered again (written again here): the remote's word on it is awaited anew.
             o.refused.remove(&id);
+            o.purged.remove(&id);
         }
         let assumed = self.optimistic.remove(&(conn, id));
         // An exchange already under way in this session goes on: starting afresh on this
@@ -1186,6 +1186,7 @@ impl<S: HubStore> Hub<S> {
                     o.queued.remove(id);
                     // Purged here: nothing left to offer again.
                     o.refused.remove(&id);
+                    o.purged.insert(id);
                 }
                 step.events.push(Event::Purge { conn, id, erased });
             }
@@ -1258,20 +1259,26 @@ impl<S: HubStore> Hub<S> {
             Ok(s) => s,
             Err(_) => return,
         };
-        if !o.refused.is_empty() {
-            // What the remote refused must be offered again next session: the cursor stops
-            // before the first of it.
-            let Ok(since) = self.store.changes_since(o.local_cursor, usize::MAX) else {
-                return;
-            };
-            if let Some(first) = since
-                .iter()
-                .filter(|e| o.refused.contains(&e.id))
-                .map(|e| e.seq)
-                .min()
-            {
-                local_cursor = local_cursor.min(first.saturating_sub(1));
-            }
+        // The cursor says "the remote holds every version stored up to here", so it stops
+        // before the first stored version the remote is not known to hold: one it refused,
+        // or one written to the store while this session ran without passing through the
+        // hub (an app's edit on a tablet, an admin-API write on a sub-office whose reload
+        // has not arrived yet). The next session offers it again. What the remote said to
+        // purge is left out: its tombstone, written after this, is the remote's doing.
+        let Ok(since) = self.store.changes_since(o.local_cursor, usize::MAX) else {
+            return;
+        };
+        let identity = &self.conns[&conn].identity;
+        if let Some(first) = since
+            .iter()
+            .filter(|e| e.id != FEED_MARKER && !e.meta.info.erased && !e.meta.gone)
+            .filter(|e| !o.purged.contains(&e.id))
+            .filter(|e| identity.can_read(&e.meta.info))
+            .filter(|e| o.refused.contains(&e.id) || !self.remote_holds(conn, e))
+            .map(|e| e.seq)
+            .min()
+        {
+            local_cursor = local_cursor.min(first.saturating_sub(1));
         }
         let c = self.conns.get_mut(&conn).expect("checked");
         let peer = c.peer_id.clone();
@@ -1780,6 +1787,40 @@ impl<S: HubStore> Hub<S> {
             })
     }
 
+    /// True when the remote of an outbound connection is known to hold the stored version
+    /// `e`: it reported heads whose history contains it, in this session or an earlier one.
+    fn remote_holds(&self, conn: ConnId, e: &FeedEntry) -> bool {
+        let mut stored = e.meta.change_hashes();
+        if stored.is_empty() {
+            return true;
+        }
+        stored.sort();
+        let theirs = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.syncs.get(&e.id))
+            .and_then(|s| s.their_heads.clone())
+            .map(|mut h| {
+                h.sort();
+                h
+            });
+        if let Some(theirs) = &theirs {
+            if *theirs == stored {
+                return true;
+            }
+            // The remote reported the heads held here in memory, which may be ahead of the
+            // store (changes not committed yet): it holds every version they contain.
+            if let Some(d) = self.docs.get(&e.id) {
+                let mut mine = d.doc.get_heads();
+                mine.sort();
+                if mine == *theirs && stored.iter().all(|h| d.doc.get_change_by_hash(h).is_some()) {
+                    return true;
+                }
+            }
+        }
+        self.confirmed_heads(conn, e.id).as_ref() == Some(&stored)
+    }
+
     /// The heads of `id` that the remote of an outbound connection confirmed holding in an
     /// earlier session, sorted.
     fn confirmed_heads(&self, conn: ConnId, id: DocumentId) -> Option<Vec<ChangeHash>> {
@@ -2163,14 +2204,24 @@ impl<S: HubStore> Hub<S> {
         let mut erased = Vec::new();
         // The token's scope changed after this device last listed: list everything again
         // (it may now see documents changed long ago) and purge what it may no longer hold.
+        // Once per connection: the pages after the first carry a cursor that is still
+        // older than the change, and must continue the listing, not start it again.
         let (since, former) = match &identity.former {
-            Some(f) if since < f.seq => (0, Some(f.scope.clone())),
+            Some(f) if since < f.seq => {
+                let c = self.conns.get_mut(&conn).expect("connected");
+                let restart = !std::mem::replace(&mut c.relisted, true);
+                (if restart { 0 } else { since }, Some(f.scope.clone()))
+            }
             _ => (since, None),
         };
         let mut cursor = since;
         let mut more = false;
+        let mut scanned = 0;
         // Scan pages until one reply is full or the feed ends, skipping what the device
-        // may not see without telling it anything about those documents.
+        // may not see without telling it anything about those documents. A narrow token
+        // over a national feed would skip nearly everything, so one reply scans a bounded
+        // part of the feed: the device asks for the rest, and other devices' work goes on
+        // in between.
         'scan: loop {
             let page = match self.store.changes_since(cursor, self.cfg.feed_page) {
                 Ok(p) => p,
@@ -2224,7 +2275,12 @@ impl<S: HubStore> Hub<S> {
                     break 'scan;
                 }
             }
+            scanned += 1;
             if !full {
+                break;
+            }
+            if scanned >= MAX_SCANNED_PAGES {
+                more = true;
                 break;
             }
         }
