@@ -1284,6 +1284,26 @@ fn a_refused_change_is_told_at_once_and_offered_again_next_session() {
     link.run();
     assert_eq!(link.refused().len(), 1);
     assert_eq!(link.synced().unwrap().1, cursors.1);
+
+    // A registration after the refused site edit goes through; the cursor still stops before
+    // the site, but only the site counts as waiting to be pushed.
+    let later = tab.register(new_household("SOC-01", "Later")).unwrap();
+    let mut link = Link::new(shared(&tab), shared(&office), soc01_enumerator(), cursors);
+    link.run();
+    let after = link.synced().unwrap();
+    assert_eq!(after.1, cursors.1);
+    assert!(office.household(later).is_ok());
+    let pending = |peer| {
+        relais_core::protocol::hub::unconfirmed_since(tab.store(), after.1, peer, usize::MAX)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(pending(Some("relais-server-office")), 1);
+    assert_eq!(
+        pending(Some("another-server")),
+        2,
+        "confirmed by that server only"
+    );
 }
 
 #[test]

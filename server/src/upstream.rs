@@ -125,16 +125,15 @@ impl Link {
     pub fn status(&self, store: &Store) -> serde_json::Value {
         let s = self.with(|s| s.clone());
         let cursors = load_cursors(store, &s.url);
-        // Documents written here since the upstream last confirmed everything. Capped: the
-        // figure is for a dashboard, and a week offline is a few thousand.
-        let pending = store
-            .changes_since(cursors.local, 1_000_000)
-            .map(|v| {
-                v.iter()
-                    .filter(|e| e.id != relais_core::store::FEED_MARKER)
-                    .count()
-            })
-            .unwrap_or(0);
+        // Documents written here that the upstream has not confirmed. Capped: the figure is
+        // for a dashboard, and a week offline is a few thousand.
+        let pending = relais_core::protocol::hub::unconfirmed_since(
+            store,
+            cursors.local,
+            cursors.peer.as_deref(),
+            1_000_000,
+        )
+        .map_or(0, |v| v.len());
         serde_json::json!({
             "url": s.url,
             "connected": s.connected,
@@ -299,20 +298,25 @@ async fn session(
     let result = loop {
         tokio::select! {
             _ = ping.tick() => {
+                let sending = tokio::time::Instant::now();
                 if let Err(e) = send_within(&mut sink, WsMessage::Ping(Vec::new().into()), idle).await {
                     break Err(e);
                 }
+                // Nothing is read while a send waits for room: not the upstream's silence.
+                heard += sending.elapsed();
             }
             out = out_rx.recv() => match out {
                 Some(Outgoing::Frame(bytes)) => {
                     let len = bytes.len();
                     // More time for a bigger frame, so that a slow but live link is not cut.
                     let limit = idle + Duration::from_secs((len / SLOWEST_LINK_BYTES_PER_SEC) as u64);
+                    let sending = tokio::time::Instant::now();
                     let sent = send_within(&mut sink, WsMessage::Binary(bytes.into()), limit).await;
                     queued.fetch_sub(len, Ordering::Relaxed);
                     if let Err(e) = sent {
                         break Err(e);
                     }
+                    heard += sending.elapsed();
                 }
                 Some(Outgoing::Close(_, reason)) => {
                     let _ = send_within(&mut sink, WsMessage::Close(None), CLOSE_GRACE).await;

@@ -235,7 +235,13 @@ impl Replica {
             .as_deref()
             .map(|s| self.cursors(s))
             .unwrap_or_default();
-        let pending = store.changes_since(cursors.local, usize::MAX)?.len() as u64;
+        let pending = relais_core::protocol::hub::unconfirmed_since(
+            store,
+            cursors.local,
+            cursors.peer.as_deref(),
+            usize::MAX,
+        )?
+        .len() as u64;
         Ok(SyncStatus {
             pending_documents: pending,
             last_sync_ms: cursors.at_ms,

@@ -161,12 +161,16 @@ pub(crate) async fn run(
         server: server_key(url),
         ..Default::default()
     };
-    // Documents with local changes the server may lack: those written since the last sync.
-    let pushing: HashSet<relais_core::DocumentId> = store
-        .changes_since(cursors.local, usize::MAX)?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    // Documents with local changes the server may lack: those written since the last sync
+    // that it has not confirmed (as `Replica::status` counts them).
+    let pushing: HashSet<relais_core::DocumentId> = relais_core::protocol::hub::unconfirmed_since(
+        store.as_ref(),
+        cursors.local,
+        cursors.peer.as_deref(),
+        usize::MAX,
+    )?
+    .into_iter()
+    .collect();
     let mut progress = Progress {
         offered: store.last_seq()?,
         ..Default::default()
@@ -182,6 +186,7 @@ pub(crate) async fn run(
         cursors.peer.clone(),
     );
     loop {
+        let handling = Instant::now();
         let done = handle(
             replica,
             url,
@@ -195,9 +200,12 @@ pub(crate) async fn run(
             opts,
         )
         .await?;
+        // Nothing is read while a step is stored and sent (a big frame on a slow link takes
+        // a while): that time is not the server's silence.
+        last_progress += handling.elapsed();
         if done {
             if live.is_none() {
-                let _ = sink.send(WsMessage::Close(None)).await;
+                close(&mut sink).await;
                 return Ok(summary);
             }
             replica.set_connected(true);
@@ -258,11 +266,19 @@ pub(crate) async fn run(
                 s
             }
             _ = wait_stop(stop.as_mut()) => {
-                let _ = sink.send(WsMessage::Close(None)).await;
+                close(&mut sink).await;
                 return Err(ClientError::Stopped);
             }
         };
     }
+}
+
+/// Sends a close frame, giving up after a few seconds: on a dead route it would never leave.
+async fn close<S>(sink: &mut S)
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(WsMessage::Close(None))).await;
 }
 
 /// Resolves when local writes need pushing: at once on [`Replica::wrote`], or within a
@@ -457,7 +473,7 @@ where
         }
     }
     if let Some((_, reason)) = step.closes.into_iter().next() {
-        let _ = sink.send(WsMessage::Close(None)).await;
+        close(sink).await;
         return Err(ClientError::Protocol(reason));
     }
     if let Some(p) = &opts.progress {

@@ -518,8 +518,6 @@ async fn three_servers_converge_through_partitions_and_restarts() {
     }
 }
 
-/// An erasure at Bamako reaches the office as a tombstone, and the office's tablets purge
-/// their copies at their next sync.
 /// Registers one SOC-01 household on `tab` once the site has reached it through `office`,
 /// and pushes it there.
 async fn register_through(tab: &Replica, office: &Server, token: &str, name: &str) -> DocumentId {
@@ -543,6 +541,8 @@ async fn register_through(tab: &Replica, office: &Server, token: &str, name: &st
     h
 }
 
+/// An erasure at Bamako reaches the office as a tombstone, and the office's tablets purge
+/// their copies at their next sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_at_bamako_reaches_an_office_and_its_tablets() {
     let root = tempfile::tempdir().unwrap();
@@ -672,7 +672,7 @@ async fn a_change_the_upstream_refuses_is_counted_kept_and_offered_again() {
     let mut counted = false;
     for _ in 0..40 {
         let (_, metrics) = http(mopti.addr, "GET", "/metrics", None, None);
-        if metrics.contains("relais_upstream_refused_total 1") {
+        if metrics.contains("relais_upstream_refused_total 1\n") {
             counted = true;
             break;
         }

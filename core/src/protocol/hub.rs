@@ -587,6 +587,39 @@ pub fn advance_cursor(cursor: u64, confirmed: &[u64]) -> u64 {
 /// followed by the remote's peer id.
 const UPSTREAM_KEY: &str = "upstream\u{1f}";
 
+/// Documents stored after `cursor` that the server whose peer id is `peer` has not
+/// confirmed holding, among the first `cap` entries: what a replica still has to push. A saved
+/// cursor stops before the first such document, so the documents after it that went
+/// through (a refused one ahead of them holds the cursor) do not count.
+pub fn unconfirmed_since<S: HubStore>(
+    store: &S,
+    cursor: u64,
+    peer: Option<&str>,
+    cap: usize,
+) -> Result<Vec<DocumentId>, StoreError> {
+    let key = peer.map(|p| format!("{UPSTREAM_KEY}{p}"));
+    let confirmed = |e: &FeedEntry| {
+        let Some(st) = key
+            .as_deref()
+            .and_then(|k| store.sync_state(k, e.id))
+            .and_then(|b| sync::State::decode(&b).ok())
+        else {
+            return false;
+        };
+        let (mut theirs, mut stored) = (st.shared_heads, e.meta.change_hashes());
+        theirs.sort();
+        stored.sort();
+        !stored.is_empty() && theirs == stored
+    };
+    Ok(store
+        .changes_since(cursor, cap)?
+        .iter()
+        .filter(|e| e.id != FEED_MARKER && !e.meta.info.erased && !e.meta.gone)
+        .filter(|e| !confirmed(e))
+        .map(|e| e.id)
+        .collect())
+}
+
 /// How many recent ephemeral messages are remembered to stop relay loops.
 const EPHEMERAL_MEMORY: usize = 4_096;
 
@@ -1265,19 +1298,28 @@ impl<S: HubStore> Hub<S> {
         // hub (an app's edit on a tablet, an admin-API write on a sub-office whose reload
         // has not arrived yet). The next session offers it again. What the remote said to
         // purge is left out: its tombstone, written after this, is the remote's doing.
-        let Ok(since) = self.store.changes_since(o.local_cursor, usize::MAX) else {
-            return;
-        };
+        // The feed is in sequence order: the first such entry is where the cursor stops,
+        // and the scan ends there (a cursor held by a lasting refusal costs one page).
         let identity = &self.conns[&conn].identity;
-        if let Some(first) = since
-            .iter()
-            .filter(|e| e.id != FEED_MARKER && !e.meta.info.erased && !e.meta.gone)
-            .filter(|e| !o.purged.contains(&e.id))
-            .filter(|e| identity.can_read(&e.meta.info))
-            .filter(|e| o.refused.contains(&e.id) || !self.remote_holds(conn, e))
-            .map(|e| e.seq)
-            .min()
-        {
+        let mut from = o.local_cursor;
+        let first = loop {
+            let Ok(page) = self.store.changes_since(from, self.cfg.feed_page) else {
+                return;
+            };
+            let full = page.len() == self.cfg.feed_page;
+            from = page.last().map_or(from, |e| e.seq);
+            let found = page
+                .iter()
+                .filter(|e| e.id != FEED_MARKER && !e.meta.info.erased && !e.meta.gone)
+                .filter(|e| !o.purged.contains(&e.id))
+                .filter(|e| identity.can_read(&e.meta.info))
+                .find(|e| o.refused.contains(&e.id) || !self.remote_holds(conn, e))
+                .map(|e| e.seq);
+            if found.is_some() || !full {
+                break found;
+            }
+        };
+        if let Some(first) = first {
             local_cursor = local_cursor.min(first.saturating_sub(1));
         }
         let c = self.conns.get_mut(&conn).expect("checked");
