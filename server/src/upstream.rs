@@ -206,9 +206,6 @@ pub async fn run(
     }
 }
 
-/// The slowest link a send is given time for: 1 KiB/s, a fifth of a poor 2G link.
-const SLOWEST_LINK_BYTES_PER_SEC: usize = 1024;
-
 /// How long a close frame may take to leave before the socket is dropped anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -309,7 +306,7 @@ async fn session(
                 Some(Outgoing::Frame(bytes)) => {
                     let len = bytes.len();
                     // More time for a bigger frame, so that a slow but live link is not cut.
-                    let limit = idle + Duration::from_secs((len / SLOWEST_LINK_BYTES_PER_SEC) as u64);
+                    let limit = relais_client::send_budget(idle, len);
                     let sending = tokio::time::Instant::now();
                     let sent = send_within(&mut sink, WsMessage::Binary(bytes.into()), limit).await;
                     queued.fetch_sub(len, Ordering::Relaxed);
@@ -370,6 +367,14 @@ mod tests {
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             Poll::Pending
         }
+    }
+
+    #[test]
+    fn a_bigger_frame_gets_more_time_to_leave() {
+        let idle = Duration::from_secs(120);
+        assert_eq!(relais_client::send_budget(idle, 100), idle);
+        let mib = relais_client::send_budget(idle, 1024 * 1024);
+        assert_eq!(mib, idle + Duration::from_secs(1024));
     }
 
     #[tokio::test(start_paused = true)]

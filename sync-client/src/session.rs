@@ -66,6 +66,12 @@ pub struct RefusedDocument {
 /// The slowest link a send is given time for: 1 KiB/s, a fifth of a poor 2G link.
 const SLOWEST_LINK_BYTES_PER_SEC: usize = 1024;
 
+/// How long sending `bytes` may take before the peer counts as gone: `idle` plus a second per
+/// KiB, so that a dead route is noticed and a slow but live 2G link is not cut.
+pub fn send_budget(idle: Duration, bytes: usize) -> Duration {
+    idle + Duration::from_secs((bytes / SLOWEST_LINK_BYTES_PER_SEC) as u64)
+}
+
 /// What one session has done, to tell its own writes from the app's.
 #[derive(Default)]
 struct Progress {
@@ -450,8 +456,7 @@ where
     // A server that stopped reading (a dead route that sends no reset) would otherwise hold
     // the send, where the idle timeout does not run, until TCP gives up many minutes later.
     // The budget grows with the bytes, so that a slow but live 2G link is not cut.
-    let budget =
-        opts.idle_timeout + Duration::from_secs((bytes / SLOWEST_LINK_BYTES_PER_SEC) as u64);
+    let budget = send_budget(opts.idle_timeout, bytes);
     let send = async {
         for (_, frame) in step.sends {
             summary.frames_sent += 1;

@@ -587,6 +587,16 @@ pub fn advance_cursor(cursor: u64, confirmed: &[u64]) -> u64 {
 /// followed by the remote's peer id.
 const UPSTREAM_KEY: &str = "upstream\u{1f}";
 
+/// The heads of `id` that the peer whose sync states are saved under `key` confirmed
+/// holding (its saved sync state's shared heads), sorted.
+fn saved_heads<S: HubStore>(store: &S, key: &str, id: DocumentId) -> Option<Vec<ChangeHash>> {
+    let mut heads = sync::State::decode(&store.sync_state(key, id)?)
+        .ok()?
+        .shared_heads;
+    heads.sort();
+    Some(heads)
+}
+
 /// Documents stored after `cursor` that the server whose peer id is `peer` has not
 /// confirmed holding, among the first `cap` entries: what a replica still has to push. A saved
 /// cursor stops before the first such document, so the documents after it that went
@@ -599,17 +609,10 @@ pub fn unconfirmed_since<S: HubStore>(
 ) -> Result<Vec<DocumentId>, StoreError> {
     let key = peer.map(|p| format!("{UPSTREAM_KEY}{p}"));
     let confirmed = |e: &FeedEntry| {
-        let Some(st) = key
-            .as_deref()
-            .and_then(|k| store.sync_state(k, e.id))
-            .and_then(|b| sync::State::decode(&b).ok())
-        else {
-            return false;
-        };
-        let (mut theirs, mut stored) = (st.shared_heads, e.meta.change_hashes());
-        theirs.sort();
+        let mut stored = e.meta.change_hashes();
         stored.sort();
-        !stored.is_empty() && theirs == stored
+        !stored.is_empty()
+            && key.as_deref().and_then(|k| saved_heads(store, k, e.id)) == Some(stored)
     };
     Ok(store
         .changes_since(cursor, cap)?
@@ -1867,10 +1870,7 @@ impl<S: HubStore> Hub<S> {
     /// earlier session, sorted.
     fn confirmed_heads(&self, conn: ConnId, id: DocumentId) -> Option<Vec<ChangeHash>> {
         let key = self.conns.get(&conn)?.state_key.as_deref()?;
-        let st = sync::State::decode(&self.store.sync_state(key, id)?).ok()?;
-        let mut heads = st.shared_heads;
-        heads.sort();
-        Some(heads)
+        saved_heads(&self.store, key, id)
     }
 
     /// On an outbound connection, a document is done when the server reported our heads
