@@ -4,7 +4,7 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `docs` | document id | [`DocMeta`] as JSON: kind, sites, regions, heads, feed sequence |
+//! | `docs` | document id | [`DocMeta`] (kind, sites, regions, heads, feed sequence) as a version byte and a CBOR array; stores written before 2026-12-02 hold JSON, still read, and rewritten at each document's next write |
 //! | `snapshots` | document id | a full `save()` of the document |
 //! | `chunks` | (document id, n) | incremental changes appended after the snapshot |
 //! | `feed` | sequence | document id, one entry per document: its latest write |
@@ -43,6 +43,8 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditEntry;
 use crate::document::DocInfo;
 use crate::DocumentId;
+
+mod meta;
 
 const DOCS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("docs");
 const SNAPSHOTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("snapshots");
@@ -193,8 +195,9 @@ pub struct DocWrite {
     pub data: Vec<u8>,
     /// Heads of the writer's document after the write.
     pub heads: Vec<ChangeHash>,
-    /// `data` was saved from a document held in memory ([`DocWrite::from_doc`]), so a new
-    /// document's bytes are stored without being parsed again. False for bytes from
+    /// `data` was saved from a document held in memory ([`DocWrite::from_doc`]), or is one
+    /// document chunk that automerge loaded, verifying its heads, into the document being
+    /// written; so a new document's bytes are stored without being parsed again. False for bytes from
     /// anywhere else: the store then loads them first and refuses what does not load.
     pub verified: bool,
 }
@@ -230,6 +233,15 @@ pub struct StoredDoc {
     pub doc: Automerge,
     /// Its metadata.
     pub meta: DocMeta,
+}
+
+/// A document's stored heads and bytes, not parsed ([`Store::stored_bytes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBytes {
+    /// Heads of the stored document.
+    pub heads: Vec<ChangeHash>,
+    /// Its snapshot and the chunks after it: what [`Automerge::load`] reads.
+    pub bytes: Vec<u8>,
 }
 
 /// One entry of the change feed.
@@ -299,6 +311,69 @@ pub fn load_doc(id: DocumentId, parts: &[&[u8]]) -> Result<Automerge, StoreError
     }
 }
 
+/// Automerge's chunk header: magic bytes, then a checksum, a type and a length.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// True when `bytes` is a run of automerge chunks (documents, changes or bundles) whose
+/// checksums match their contents: the first four bytes of the SHA-256 of the type, the
+/// length and the data. A compressed change's checksum is that of its inflated bytes, so a
+/// run holding one is not vouched for here (`false`).
+pub(crate) fn chunks_intact(bytes: &[u8]) -> bool {
+    chunk_types(bytes).is_some()
+}
+
+/// True when `bytes` is exactly one intact document chunk: what a whole `save()` is.
+pub(crate) fn one_document_chunk(bytes: &[u8]) -> bool {
+    chunk_types(bytes).is_some_and(|t| t == [0])
+}
+
+/// The type of every chunk in `bytes`, in order, if each is intact (see [`chunks_intact`]).
+fn chunk_types(mut bytes: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    if bytes.is_empty() {
+        return None;
+    }
+    let mut types = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return None;
+        }
+        let checksum = &bytes[4..8];
+        let kind = bytes[8];
+        if !matches!(kind, 0 | 1 | 3) {
+            return None;
+        }
+        // The length, unsigned LEB128 (at most ten bytes for a u64).
+        let (mut len, mut shift, mut at) = (0u64, 0u32, 9usize);
+        loop {
+            let &b = bytes.get(at)?;
+            if shift > 63 {
+                return None;
+            }
+            len |= u64::from(b & 0x7f) << shift;
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let end = usize::try_from(len).ok().and_then(|l| at.checked_add(l))?;
+        if end > bytes.len() {
+            return None;
+        }
+        let digest = Sha256::new()
+            .chain_update(&bytes[8..at])
+            .chain_update(&bytes[at..end])
+            .finalize();
+        if digest[..4] != *checksum {
+            return None;
+        }
+        types.push(kind);
+        bytes = &bytes[end..];
+    }
+    Some(types)
+}
+
 /// Parses untrusted Automerge bytes (a saved document or changes), refusing any damage rather
 /// than keeping a valid prefix. Panics inside automerge become [`StoreError::Corrupt`].
 pub fn parse_strict(id: DocumentId, bytes: &[u8]) -> Result<Automerge, StoreError> {
@@ -324,10 +399,7 @@ fn hex_heads(heads: &[ChangeHash]) -> Vec<String> {
 }
 
 fn decode_meta(id: DocumentId, bytes: &[u8]) -> Result<DocMeta, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::BadMeta {
-        id,
-        reason: e.to_string(),
-    })
+    meta::decode(id, bytes)
 }
 
 /// redb's page cache for [`Store::open`]: 64 MiB. redb's own default, 1 GiB, lets a
@@ -509,6 +581,41 @@ impl Store {
         Ok(Some(StoredDoc { doc, meta }))
     }
 
+    /// A document's stored heads and bytes (its snapshot and the chunks after it, as
+    /// [`Automerge::load`] reads them), without parsing them: what a replica sends a server
+    /// that has never seen the document. `Ok(None)` when it is not stored, erased or gone,
+    /// and when a chunk's checksum does not match its bytes (damage on disk, which the
+    /// caller then meets as a load error instead of sending it).
+    pub fn stored_bytes(&self, id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let Some(meta) = docs.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let meta = decode_meta(id, meta.value())?;
+        if meta.gone || meta.info.erased {
+            return Ok(None);
+        }
+        let key = *id.as_bytes();
+        let mut bytes = match txn.open_table(SNAPSHOTS)?.get(&key)? {
+            Some(g) => g.value().to_vec(),
+            None => return Ok(None),
+        };
+        let chunks = txn.open_table(CHUNKS)?;
+        for n in 0..meta.chunks {
+            if let Some(g) = chunks.get((key, n))? {
+                bytes.extend_from_slice(g.value());
+            }
+        }
+        if !chunks_intact(&bytes) {
+            return Ok(None);
+        }
+        Ok(Some(StoredBytes {
+            heads: meta.change_hashes(),
+            bytes,
+        }))
+    }
+
     /// Writes several documents in one durable transaction and returns their new feed
     /// sequence numbers, in order. A write whose heads are already stored is skipped and
     /// returns the sequence it already had.
@@ -674,7 +781,7 @@ impl Store {
                 meta.seq = next_seq;
                 next_seq += 1;
                 feed.insert(meta.seq, key)?;
-                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
                 seqs.push(meta.seq);
             }
@@ -739,7 +846,7 @@ impl Store {
                     chunks.remove((key, n))?;
                 }
                 meta.chunks = 0;
-                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
             }
         }
@@ -826,7 +933,7 @@ impl Store {
             if !meta.info.erased {
                 drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
                 meta.info.erased = true;
-                let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+                let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
                 txn.open_table(META)?
                     .insert(COMPACT_PENDING, [1u8].as_slice())?;
@@ -898,7 +1005,7 @@ impl Store {
             }
             drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
             meta.gone = true;
-            let bytes = serde_json::to_vec(&meta).expect("DocMeta serialises");
+            let bytes = meta::encode(&meta);
             docs.insert(key, bytes.as_slice())?;
         }
         txn.commit()?;
@@ -1148,4 +1255,111 @@ fn assemble(
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     load_doc(id, &refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+
+    fn doc_with(n: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, format!("k{i}"), i as i64).unwrap();
+            tx.commit();
+        }
+        doc
+    }
+
+    #[test]
+    fn chunk_checksums_vouch_for_saved_bytes_and_catch_damage() {
+        let doc = doc_with(3);
+        let snap = doc.save();
+        assert!(chunks_intact(&snap));
+        // A snapshot followed by the incremental chunks of later changes, as stored.
+        let mut more = doc.clone();
+        let heads = more.get_heads();
+        let mut tx = more.transaction();
+        tx.put(automerge::ROOT, "later", "yes").unwrap();
+        tx.commit();
+        let mut run = snap.clone();
+        run.extend(more.save_after(&heads));
+        assert!(chunks_intact(&run));
+        assert!(!chunks_intact(&[]));
+        for at in [0, 5, 8, snap.len() / 2, snap.len() - 1] {
+            let mut bad = snap.clone();
+            bad[at] ^= 0x01;
+            assert!(!chunks_intact(&bad), "a flipped bit at {at}");
+        }
+        assert!(!chunks_intact(&snap[..snap.len() - 1]), "cut short");
+        let mut longer = snap.clone();
+        longer.push(0);
+        assert!(!chunks_intact(&longer), "trailing byte");
+        // A compressed change's checksum is over its inflated bytes: not vouched for.
+        let mut compressed = snap.clone();
+        compressed[8] = 2;
+        assert!(!chunks_intact(&compressed));
+        assert!(one_document_chunk(&snap));
+        assert!(!one_document_chunk(&run), "a snapshot and a change");
+        assert!(
+            !one_document_chunk(&more.save_after(&heads)),
+            "a change alone"
+        );
+    }
+
+    #[test]
+    fn stored_bytes_are_what_loads_and_damage_gives_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s.redb")).unwrap();
+        let id = DocumentId::random();
+        let doc = doc_with(2);
+        store
+            .write(&[DocWrite::from_doc(id, DocInfo::other(), &doc, vec![])])
+            .unwrap();
+        let mut edited = doc.clone();
+        let base = edited.get_heads();
+        let mut tx = edited.transaction();
+        tx.put(automerge::ROOT, "k9", 9).unwrap();
+        tx.commit();
+        store
+            .write(&[DocWrite::from_doc(id, DocInfo::other(), &edited, base)])
+            .unwrap();
+
+        let StoredBytes { heads, bytes } = store.stored_bytes(id).unwrap().expect("stored");
+        let loaded = Automerge::load(&bytes).unwrap();
+        let mut want = edited.get_heads();
+        want.sort();
+        let mut got = heads.clone();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(loaded.get_heads(), edited.get_heads());
+        assert!(store.stored_bytes(DocumentId::random()).unwrap().is_none());
+        // Nothing is handed out for an erased document, nor for one that left the scope.
+        let (erased, gone) = (DocumentId::random(), DocumentId::random());
+        for other in [erased, gone] {
+            store
+                .write(&[DocWrite::from_doc(other, DocInfo::other(), &doc, vec![])])
+                .unwrap();
+            assert!(store.stored_bytes(other).unwrap().is_some());
+        }
+        store.erase(erased, &[]).unwrap();
+        store.forget(gone).unwrap();
+        assert!(store.stored_bytes(erased).unwrap().is_none());
+        assert!(store.stored_bytes(gone).unwrap().is_none());
+
+        // A snapshot damaged on disk is not handed out.
+        {
+            let txn = store.begin_write().unwrap();
+            {
+                let mut snaps = txn.open_table(SNAPSHOTS).unwrap();
+                let mut snap = snaps.get(id.as_bytes()).unwrap().unwrap().value().to_vec();
+                let mid = snap.len() / 2;
+                snap[mid] ^= 0xff;
+                snaps.insert(id.as_bytes(), snap.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        assert!(store.stored_bytes(id).unwrap().is_none());
+    }
 }

@@ -985,6 +985,176 @@ fn a_push_takes_one_round_trip_and_an_interrupted_one_offers_nothing_twice() {
 }
 
 #[test]
+fn a_first_push_goes_out_from_the_stored_bytes_and_a_server_ahead_still_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (office, tab, cursors) = provisioned(dir.path(), false);
+    let ids: Vec<_> = register_names(&tab, &NAMES);
+    // One household reached the office another way (a second tablet, say) and was edited
+    // there: the tablet has no word from the office about it, so it offers its stored
+    // bytes, and the office answers with its own change.
+    let ahead = ids[0];
+    let bytes = tab.store().load(ahead).unwrap().unwrap().doc.save();
+    office
+        .store()
+        .apply(ahead, &bytes, |d| {
+            relais_core::document::describe(d, &mut |_| None)
+        })
+        .unwrap();
+    from_menaka(&office, ahead);
+
+    let mut link = admin_link(&tab, &office, cursors);
+    link.run();
+    assert!(link.synced().is_some(), "{:?}", link.closed);
+    for id in &ids {
+        assert_eq!(
+            office.household(*id).unwrap().household.head_name,
+            tab.household(*id).unwrap().household.head_name
+        );
+    }
+    // Every other household was confirmed as sent, never loaded on the tablet.
+    assert_eq!(
+        link.client.stats().confirmed_unloaded,
+        (ids.len() - 1) as u64
+    );
+    assert_eq!(
+        link.client.loaded_docs(),
+        1,
+        "only the household the office changed"
+    );
+    // The office's change came back, and both sides hold the same version.
+    assert_eq!(
+        tab.household(ahead).unwrap().household.origin.as_deref(),
+        Some("Ménaka")
+    );
+    for id in &ids {
+        let mut a = tab.store().load(*id).unwrap().unwrap().doc.get_heads();
+        let mut b = office.store().load(*id).unwrap().unwrap().doc.get_heads();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{id}");
+    }
+    // A household confirmed that way and edited on the office while the tablet is still
+    // connected reaches it in one message: the office counts the heads the tablet pushed as
+    // what it holds, so it sends the change itself, not just its heads.
+    let live = ids[1];
+    from_menaka(&office, live);
+    let step = link.server.reload(live);
+    link.frames = 0;
+    link.absorb_server(step);
+    link.run();
+    assert_eq!(
+        tab.household(live).unwrap().household.origin.as_deref(),
+        Some("Ménaka")
+    );
+    assert_eq!(link.frames, 1, "frames for one live edit");
+    // What was confirmed unloaded is not offered again: the next session is the handshake
+    // and a listing.
+    let cursors = link.synced().unwrap();
+    let mut again = admin_link(&tab, &office, cursors);
+    again.run();
+    assert!(again.synced().is_some(), "{:?}", again.closed);
+    assert_eq!(again.frames, 4);
+    // Nor with the old cursors: the confirmations were saved with the session.
+    let mut old = admin_link(&tab, &office, (0, 0));
+    old.run();
+    assert!(old.synced().is_some(), "{:?}", old.closed);
+    assert_eq!(old.client.stats().confirmed_unloaded, 0);
+}
+
+#[test]
+fn a_new_document_sent_whole_is_stored_as_sent_and_anything_else_is_saved_by_the_server() {
+    use relais_core::protocol::message::{DocMessage, PeerMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let office = ledger(dir.path(), "office");
+    seed(&office);
+    let tab = ledger(dir.path(), "tab");
+    seed(&tab);
+    let mut hh = new_household("SOC-01", NAMES[0]);
+    // Long enough that automerge would compress its columns when saving.
+    hh.origin = Some("Ménaka, cercle de Ménaka, région de Ménaka ".repeat(8));
+    let id = tab.register(hh).unwrap();
+    let doc = tab.store().load(id).unwrap().unwrap().doc;
+    let plain = doc.save_with_options(automerge::SaveOptions {
+        deflate: false,
+        retain_orphans: false,
+    });
+    assert_ne!(
+        plain,
+        doc.save(),
+        "the two savings must differ for this test to tell"
+    );
+    let message = |changes: Vec<u8>| {
+        let mut flags = automerge::sync::MessageFlags::new();
+        flags.set(automerge::sync::MessageFlags::SUPPORTS_SYNC_RESET);
+        automerge::sync::Message {
+            heads: doc.get_heads(),
+            need: vec![],
+            have: vec![],
+            changes: automerge::sync::ChunkList::from(changes),
+            flags: Some(flags),
+            version: automerge::sync::MessageVersion::V2,
+        }
+        .encode()
+    };
+    let mut hub = Hub::new(HubConfig::default(), office.store_arc());
+    hub.connect(1, Identity::admin("tab"));
+    let join = Message::Join {
+        sender_id: "tab".into(),
+        supported_protocol_versions: vec!["1".into()],
+        peer_metadata: PeerMetadata::default(),
+    };
+    hub.receive(1, &join.encode());
+    let sync = |data| {
+        Message::Sync(DocMessage {
+            sender_id: "tab".into(),
+            target_id: "s".into(),
+            document_id: id.to_string(),
+            data,
+        })
+        .encode()
+    };
+    let step = hub.receive(1, &sync(message(plain.clone())));
+    assert!(step.closes.is_empty(), "{:?}", step.closes);
+    assert_eq!(step.writes.len(), 1);
+    assert_eq!(
+        step.writes[0].data, plain,
+        "re-saved instead of stored as sent"
+    );
+    commit(&mut hub, &step);
+    assert_eq!(
+        office.household(id).unwrap().household.origin,
+        tab.household(id).unwrap().household.origin
+    );
+    // The same document as its changes (not one document chunk) is saved by the server.
+    let other = tab.register(new_household("SOC-01", NAMES[1])).unwrap();
+    let doc2 = tab.store().load(other).unwrap().unwrap().doc;
+    let changes: Vec<u8> = doc2
+        .get_changes(&[])
+        .iter()
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let mut st = automerge::sync::State::new();
+    relais_core::protocol::hub::assume_remote_holds(&mut st, vec![]);
+    let m = automerge::sync::SyncDoc::generate_sync_message(&doc2, &mut st).unwrap();
+    assert!(m
+        .changes
+        .iter()
+        .all(|c| changes.windows(c.len()).any(|w| w == c)));
+    let step = hub.receive(
+        1,
+        &Message::Sync(DocMessage {
+            sender_id: "tab".into(),
+            target_id: "s".into(),
+            document_id: other.to_string(),
+            data: m.encode(),
+        })
+        .encode(),
+    );
+    assert_eq!(step.writes.len(), 1);
+    assert_eq!(step.writes[0].data, doc2.save());
+}
+
+#[test]
 fn a_fresh_tablet_receives_its_documents_in_batches() {
     let dir = tempfile::tempdir().unwrap();
     let office = ledger(dir.path(), "office");

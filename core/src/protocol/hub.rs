@@ -29,7 +29,7 @@ use crate::protocol::message::{
     PROTOCOL_V1,
 };
 use crate::protocol::prepare::{self, Job, Prepared};
-use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredDoc, FEED_MARKER};
+use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredBytes, StoredDoc, FEED_MARKER};
 use crate::DocumentId;
 
 /// Identifies one connection, chosen by the adapter.
@@ -49,6 +49,11 @@ pub trait HubStore {
     fn sync_state(&self, _peer: &str, _id: DocumentId) -> Option<Vec<u8>> {
         None
     }
+    /// A document's stored heads and bytes, unparsed (see [`Store::stored_bytes`]). `None`
+    /// where a store cannot give them, and the hub loads the document instead.
+    fn stored_bytes(&self, _id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        Ok(None)
+    }
 }
 
 impl HubStore for Store {
@@ -67,6 +72,9 @@ impl HubStore for Store {
     fn sync_state(&self, peer: &str, id: DocumentId) -> Option<Vec<u8>> {
         Store::sync_state(self, peer, id).ok().flatten()
     }
+    fn stored_bytes(&self, id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        Store::stored_bytes(self, id)
+    }
 }
 
 impl<T: HubStore> HubStore for std::sync::Arc<T> {
@@ -84,6 +92,9 @@ impl<T: HubStore> HubStore for std::sync::Arc<T> {
     }
     fn sync_state(&self, peer: &str, id: DocumentId) -> Option<Vec<u8>> {
         (**self).sync_state(peer, id)
+    }
+    fn stored_bytes(&self, id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        (**self).stored_bytes(id)
     }
 }
 
@@ -358,6 +369,9 @@ struct Outbound {
     /// Documents the remote told this replica to purge in this session: their tombstone or
     /// `gone` record, written by the adapter after the event, is the remote's doing.
     purged: HashSet<DocumentId>,
+    /// Documents sent from their stored bytes, not loaded (see [`Hub::offer_stored`]), with
+    /// the heads sent, until the remote answers.
+    offered: HashMap<DocumentId, Vec<ChangeHash>>,
 }
 
 /// Documents waiting for a place in an outbound window, in order, each once. Removal is
@@ -508,13 +522,19 @@ pub struct HubStats {
     /// Documents of `relais-sync-batch` frames, since the start, whose changes were applied
     /// ahead on several threads and taken as they were (see [`HubConfig::workers`]).
     pub applied_ahead: u64,
+    /// Documents sent over outbound connections from their stored bytes, without being
+    /// loaded, and confirmed by the remote as they were (see [`HubStore::stored_bytes`]).
+    pub confirmed_unloaded: u64,
 }
 
 /// The sync hub. See the [module docs](self).
 pub struct Hub<S: HubStore> {
     cfg: HubConfig,
     store: S,
-    docs: HashMap<DocumentId, LoadedDoc>,
+    /// Boxed: an Automerge document is large, and the map grows to tens of thousands of
+    /// entries during a push; moving the documents themselves at each rehash cost a
+    /// twentieth of the engine thread's time (`perf`, 20,000 households).
+    docs: HashMap<DocumentId, Box<LoadedDoc>>,
     conns: HashMap<ConnId, Conn>,
     subs: HashMap<DocumentId, HashSet<ConnId>>,
     regions: HashMap<String, String>,
@@ -530,6 +550,8 @@ pub struct Hub<S: HubStore> {
     prepared: HashMap<DocumentId, Prepared>,
     /// Of those, how many were taken, since the start.
     applied_ahead: u64,
+    /// See [`HubStats::confirmed_unloaded`].
+    confirmed_unloaded: u64,
 }
 
 /// Documents an outbound connection syncs at once. A replica with thousands of documents
@@ -650,6 +672,7 @@ impl<S: HubStore> Hub<S> {
             saved_states: Vec::new(),
             prepared: HashMap::new(),
             applied_ahead: 0,
+            confirmed_unloaded: 0,
         }
     }
 
@@ -668,6 +691,7 @@ impl<S: HubStore> Hub<S> {
                 .count(),
             loaded_docs: self.docs.len(),
             applied_ahead: self.applied_ahead,
+            confirmed_unloaded: self.confirmed_unloaded,
         }
     }
 
@@ -1113,6 +1137,101 @@ impl<S: HubStore> Hub<S> {
         self.check_synced(conn, step);
     }
 
+    /// Sends a document the remote has never seen from its stored bytes, without loading
+    /// it: on a tablet pushing its offline work, loading each household and having automerge
+    /// write it out again was over half of the push's CPU (`perf`, 20 tablets of 1,000). Only
+    /// on a Relais server's connection, for a document not in memory whose every change the
+    /// remote lacks (no confirmed heads). The message asks for nothing and summarises
+    /// nothing (`need` and `have` empty), so the reply carries nothing back when the server
+    /// merely stores it; see [`Hub::answer_to_stored`]. Returns false where the usual path must run.
+    fn offer_stored(&mut self, conn: ConnId, id: DocumentId, step: &mut Step) -> bool {
+        let Some(c) = self.conns.get(&conn) else {
+            return false;
+        };
+        if !c.ext || c.outbound.is_none() || c.syncs.contains_key(&id) {
+            return false;
+        }
+        if self.docs.contains_key(&id)
+            || !self
+                .optimistic
+                .get(&(conn, id))
+                .is_some_and(|h| h.is_empty())
+        {
+            return false;
+        }
+        let (mut heads, bytes) = match self.store.stored_bytes(id) {
+            Ok(Some(StoredBytes { heads, bytes })) if !heads.is_empty() => (heads, bytes),
+            _ => return false,
+        };
+        heads.sort();
+        self.optimistic.remove(&(conn, id));
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let o = c.outbound.as_mut().expect("checked");
+        o.quiet = false;
+        o.awaiting.insert(id);
+        o.pushed_since_listing = true;
+        o.refused.remove(&id);
+        o.purged.remove(&id);
+        o.offered.insert(id, heads.clone());
+        let mut flags = sync::MessageFlags::new();
+        flags.set(sync::MessageFlags::SUPPORTS_SYNC_RESET);
+        // No `have`: the remote then sends only what this message asks for (nothing).
+        let msg = sync::Message {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: sync::ChunkList::from(bytes),
+            flags: Some(flags),
+            version: sync::MessageVersion::V2,
+        };
+        let doc = BatchDoc {
+            document_id: id,
+            data: msg.encode(),
+            request: false,
+        };
+        step.send_doc(conn, true, &self.cfg.peer_id, &c.peer_id, doc);
+        self.subscribe(conn, id);
+        true
+    }
+
+    /// The remote's answer about a document sent by [`Hub::offer_stored`]. When it reports
+    /// exactly the heads sent and brings nothing, the document is done without ever being
+    /// loaded here (true). Anything else goes the usual way, from a fresh sync state: the
+    /// document is loaded and automerge answers what the remote said.
+    fn answer_to_stored(
+        &mut self,
+        conn: ConnId,
+        id: DocumentId,
+        msg: &sync::Message,
+        step: &mut Step,
+    ) -> bool {
+        let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) else {
+            return false;
+        };
+        let Some(sent) = o.offered.remove(&id) else {
+            return false;
+        };
+        let mut theirs = msg.heads.clone();
+        theirs.sort();
+        if !msg.changes.is_empty() || theirs != sent || self.docs.contains_key(&id) {
+            return false;
+        }
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let mut st = sync::State::new();
+        assume_remote_holds(&mut st, sent.clone());
+        st.shared_heads = sent.clone();
+        c.syncs.insert(id, st);
+        if let Some(key) = &c.state_key {
+            // As `maybe_done` does: a later session need not offer this version again.
+            let mut saved = sync::State::new();
+            saved.shared_heads = sent;
+            self.saved_states.push((key.clone(), id, saved.encode()));
+        }
+        self.confirmed_unloaded += 1;
+        self.finish_doc(conn, id, step);
+        true
+    }
+
     fn request_listing(&mut self, conn: ConnId, step: &mut Step) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -1140,6 +1259,9 @@ impl<S: HubStore> Hub<S> {
                 o.queued.push_back(id);
                 return;
             }
+        }
+        if self.offer_stored(conn, id, step) {
+            return;
         }
         match self.ensure_loaded(id) {
             Ok(true) if self.docs[&id].info.erased => {
@@ -1220,6 +1342,7 @@ impl<S: HubStore> Hub<S> {
                 if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                     o.awaiting.remove(&id);
                     o.queued.remove(id);
+                    o.offered.remove(&id);
                     // Purged here: nothing left to offer again.
                     o.refused.remove(&id);
                     o.purged.insert(id);
@@ -1490,13 +1613,13 @@ impl<S: HubStore> Hub<S> {
         self.clock += 1;
         self.docs.insert(
             id,
-            LoadedDoc {
+            Box::new(LoadedDoc {
                 doc: Automerge::new(),
                 info: DocInfo::other(),
                 persisted: Vec::new(),
                 last_used: self.clock,
                 queued_bytes: 0,
-            },
+            }),
         );
     }
 
@@ -1512,13 +1635,13 @@ impl<S: HubStore> Hub<S> {
                 let persisted = s.meta.change_hashes();
                 self.docs.insert(
                     id,
-                    LoadedDoc {
+                    Box::new(LoadedDoc {
                         doc: s.doc,
                         info: s.meta.info,
                         persisted,
                         last_used: self.clock,
                         queued_bytes: 0,
-                    },
+                    }),
                 );
                 Ok(true)
             }
@@ -1552,6 +1675,9 @@ impl<S: HubStore> Hub<S> {
                 )
             }
         };
+        if self.answer_to_stored(conn, id, &sync_msg, step) {
+            return;
+        }
         let loaded = match self.ensure_loaded(id) {
             Ok(k) => k,
             Err(e) => {
@@ -1644,6 +1770,14 @@ impl<S: HubStore> Hub<S> {
         self.ensure_state(conn, id, can_write);
         let entry = self.docs.get_mut(&id).expect("loaded above");
         let before = entry.doc.get_heads();
+        // A new document sent whole as one document chunk (a first push from stored bytes):
+        // once automerge has loaded it and found the heads it claims, those bytes are its
+        // snapshot, and saving it again would cost nearly as much as the load did.
+        let whole =
+            (before.is_empty() && entry.persisted.is_empty() && sync_msg.changes.len() == 1)
+                .then(|| sync_msg.changes.iter().next().unwrap_or_default())
+                .filter(|b| crate::store::one_document_chunk(b))
+                .map(|b| (b.to_vec(), sync_msg.heads.clone()));
         let state = self
             .conns
             .get_mut(&conn)
@@ -1762,8 +1896,25 @@ impl<S: HubStore> Hub<S> {
                 entry.info = info.clone();
                 entry.queued_bytes = queued;
                 let base = std::mem::take(&mut entry.persisted);
-                step.writes
-                    .push(DocWrite::from_doc(id, info.clone(), &entry.doc, base));
+                let write = match whole {
+                    Some((data, mut claimed)) if base.is_empty() && !still_queued => {
+                        let mut heads = after.clone();
+                        heads.sort();
+                        claimed.sort();
+                        (heads == claimed).then(|| DocWrite {
+                            id,
+                            info: info.clone(),
+                            base_heads: Vec::new(),
+                            data,
+                            heads: after.clone(),
+                            verified: true,
+                        })
+                    }
+                    _ => None,
+                };
+                step.writes.push(
+                    write.unwrap_or_else(|| DocWrite::from_doc(id, info.clone(), &entry.doc, base)),
+                );
                 entry.persisted = after;
                 step.merges += 1;
                 if self.conns[&conn].outbound.is_none() {
@@ -1917,6 +2068,7 @@ impl<S: HubStore> Hub<S> {
         if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
             o.awaiting.remove(&id);
             o.queued.remove(id);
+            o.offered.remove(&id);
             while o.awaiting.len() + next.len() < OUTBOUND_WINDOW {
                 match o.queued.pop_front() {
                     Some(n) => next.push(n),
@@ -2140,6 +2292,7 @@ impl<S: HubStore> Hub<S> {
             if let Some(o) = self.conns.get_mut(&conn).and_then(|c| c.outbound.as_mut()) {
                 o.awaiting.remove(&id);
                 o.queued.remove(id);
+                o.offered.remove(&id);
             }
         }
         self.subs.remove(&id);
@@ -2370,13 +2523,13 @@ impl<S: HubStore> Hub<S> {
             None => {
                 self.docs.insert(
                     id,
-                    LoadedDoc {
+                    Box::new(LoadedDoc {
                         doc: fresh.doc,
                         info,
                         persisted,
                         last_used: self.clock,
                         queued_bytes: 0,
-                    },
+                    }),
                 );
             }
         }

@@ -13,7 +13,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::document::{self, DocInfo};
 use crate::DocumentId;
@@ -59,10 +59,29 @@ pub(crate) fn apply_message(
     message: sync::Message,
     id: DocumentId,
 ) -> Option<String> {
+    // A first push from stored bytes (`Hub::offer_stored`) carries changes and neither asks
+    // for nor summarises anything. Left as it came, the empty `have` would make every later
+    // message to that peer about this document carry heads only, a round trip more; but a
+    // peer holds the heads it reports, so once they are all here they are its `have`.
+    let first_push = (message.have.is_empty()
+        && message.need.is_empty()
+        && !message.changes.is_empty()
+        && !message.heads.is_empty())
+    .then(|| message.heads.clone());
     match catch_unwind(AssertUnwindSafe(|| {
         doc.receive_sync_message(state, message)
     })) {
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => {
+            if let Some(heads) = first_push {
+                if heads.iter().all(|h| doc.get_change_by_hash(h).is_some()) {
+                    state.their_have = Some(vec![sync::Have {
+                        last_sync: heads,
+                        bloom: Default::default(),
+                    }]);
+                }
+            }
+            None
+        }
         Ok(Err(e)) => Some(format!(
             "document {id}: automerge refused the sync message: {e}"
         )),
