@@ -596,17 +596,17 @@ impl Store {
         if meta.gone || meta.info.erased {
             return Ok(None);
         }
-        let key = *id.as_bytes();
-        let mut bytes = match txn.open_table(SNAPSHOTS)?.get(&key)? {
-            Some(g) => g.value().to_vec(),
-            None => return Ok(None),
-        };
-        let chunks = txn.open_table(CHUNKS)?;
-        for n in 0..meta.chunks {
-            if let Some(g) = chunks.get((key, n))? {
-                bytes.extend_from_slice(g.value());
-            }
+        let parts = stored_parts(
+            id,
+            &txn.open_table(SNAPSHOTS)?,
+            &txn.open_table(CHUNKS)?,
+            meta.chunks,
+        )?;
+        // No snapshot: the document is in its chunks alone (back in scope after `forget`).
+        if parts[0].is_empty() {
+            return Ok(None);
         }
+        let bytes = parts.concat();
         if !chunks_intact(&bytes) {
             return Ok(None);
         }
@@ -1244,6 +1244,19 @@ fn assemble(
     chunks: &impl ReadableTable<([u8; 16], u32), &'static [u8]>,
     n_chunks: u32,
 ) -> Result<Automerge, StoreError> {
+    let parts = stored_parts(id, snaps, chunks, n_chunks)?;
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    load_doc(id, &refs)
+}
+
+/// A document's stored bytes, in load order: its snapshot (empty if it has none), then each
+/// chunk after it.
+fn stored_parts(
+    id: DocumentId,
+    snaps: &impl ReadableTable<[u8; 16], &'static [u8]>,
+    chunks: &impl ReadableTable<([u8; 16], u32), &'static [u8]>,
+    n_chunks: u32,
+) -> Result<Vec<Vec<u8>>, StoreError> {
     let key = *id.as_bytes();
     let snap = snaps.get(&key)?.map(|g| g.value().to_vec());
     let mut parts: Vec<Vec<u8>> = Vec::with_capacity(n_chunks as usize + 1);
@@ -1253,8 +1266,7 @@ fn assemble(
             parts.push(g.value().to_vec());
         }
     }
-    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    load_doc(id, &refs)
+    Ok(parts)
 }
 
 #[cfg(test)]

@@ -1221,12 +1221,7 @@ impl<S: HubStore> Hub<S> {
         assume_remote_holds(&mut st, sent.clone());
         st.shared_heads = sent.clone();
         c.syncs.insert(id, st);
-        if let Some(key) = &c.state_key {
-            // As `maybe_done` does: a later session need not offer this version again.
-            let mut saved = sync::State::new();
-            saved.shared_heads = sent;
-            self.saved_states.push((key.clone(), id, saved.encode()));
-        }
+        self.save_confirmed(conn, id, sent);
         self.confirmed_unloaded += 1;
         self.finish_doc(conn, id, step);
         true
@@ -2051,13 +2046,20 @@ impl<S: HubStore> Hub<S> {
                 // Nothing on either side: drop the placeholder.
                 self.docs.remove(&id);
                 self.unsubscribe(conn, id);
-            } else if let Some(key) = &c.state_key {
-                // The remote holds these heads: a later session need not offer them again.
-                let mut st = sync::State::new();
-                st.shared_heads = mine;
-                self.saved_states.push((key.clone(), id, st.encode()));
+            } else {
+                self.save_confirmed(conn, id, mine);
             }
             self.finish_doc(conn, id, step);
+        }
+    }
+
+    /// The remote of outbound connection `conn` holds `heads` of `id`: saved for the adapter
+    /// to commit, so that a later session need not offer this version again.
+    fn save_confirmed(&mut self, conn: ConnId, id: DocumentId, heads: Vec<ChangeHash>) {
+        if let Some(key) = self.conns.get(&conn).and_then(|c| c.state_key.clone()) {
+            let mut st = sync::State::new();
+            st.shared_heads = heads;
+            self.saved_states.push((key, id, st.encode()));
         }
     }
 
