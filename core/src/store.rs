@@ -9,6 +9,7 @@
 //! | `chunks` | (document id, n) | incremental changes appended after the snapshot |
 //! | `feed` | sequence | document id, one entry per document: its latest write |
 //! | `by_site` | (site code, document id) | nothing: which documents belong to a site |
+//! | `feed_by_scope` | (`s/` site or `r/` region, sequence) | document id: the feed entries that may concern a site or region ([`scope_feed`]) |
 //! | `meta` | name | small values (this replica's actor id, cursors) |
 //! | `sync_states` | (peer key, document id) | automerge's encoded `sync::State` for a peer that keeps its own storage |
 //! | `audit` | sequence | one [`AuditEntry`] as JSON: who did what to which document, and when |
@@ -45,6 +46,10 @@ use crate::document::DocInfo;
 use crate::DocumentId;
 
 mod meta;
+pub mod scope_feed;
+
+pub use scope_feed::ScopedPage;
+use scope_feed::FEED_BY_SCOPE;
 
 const DOCS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("docs");
 const SNAPSHOTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("snapshots");
@@ -427,7 +432,9 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     txn.open_table(BY_SITE)?;
     txn.open_table(SYNC_STATES)?;
     txn.open_table(AUDIT)?;
+    txn.open_table(FEED_BY_SCOPE)?;
     txn.commit()?;
+    scope_feed::ensure_indexed(&db)?;
     Ok(db)
 }
 
@@ -677,7 +684,9 @@ impl Store {
             let mut chunks = txn.open_table(CHUNKS)?;
             let mut feed = txn.open_table(FEED)?;
             let mut by_site = txn.open_table(BY_SITE)?;
-            let mut next_seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
+            let first_seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            let mut next_seq = first_seq;
             for w in writes {
                 let key = *w.id.as_bytes();
                 let old = docs
@@ -703,6 +712,7 @@ impl Store {
                             continue;
                         }
                         feed.remove(old.seq)?;
+                        scope_feed::unindex(&mut by_scope, &scope_feed::entry_keys(&old), old.seq)?;
                         if !w.data.is_empty() {
                             chunks.insert((key, old.chunks), w.data.as_slice())?;
                         }
@@ -781,9 +791,13 @@ impl Store {
                 meta.seq = next_seq;
                 next_seq += 1;
                 feed.insert(meta.seq, key)?;
+                scope_feed::index(&mut by_scope, &scope_feed::entry_keys(&meta), meta.seq, key)?;
                 let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
                 seqs.push(meta.seq);
+            }
+            if next_seq != first_seq {
+                scope_feed::mark_indexed(&txn, next_seq - 1)?;
             }
         }
         txn.commit()?;
@@ -872,6 +886,8 @@ impl Store {
             existed = meta.is_some();
             if let Some(meta) = meta {
                 feed.remove(meta.seq)?;
+                let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
+                scope_feed::unindex(&mut by_scope, &scope_feed::entry_keys(&meta), meta.seq)?;
                 for s in &meta.info.sites {
                     by_site.remove((s.as_str(), key))?;
                 }
@@ -931,7 +947,7 @@ impl Store {
                 return Ok(None);
             };
             if !meta.info.erased {
-                drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+                drop_bytes(&txn, &mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
                 meta.info.erased = true;
                 let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
@@ -1003,7 +1019,7 @@ impl Store {
             for s in &meta.info.sites {
                 by_site.remove((s.as_str(), key))?;
             }
-            drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+            drop_bytes(&txn, &mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
             meta.gone = true;
             let bytes = meta::encode(&meta);
             docs.insert(key, bytes.as_slice())?;
@@ -1079,6 +1095,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Like [`Store::changes_since`], for a reader scoped to some sites and regions: only the
+    /// entries indexed under `keys` ([`scope_feed::scope_keys`]), at most `limit`. Every
+    /// entry the scope covers is there, and some it does not (a document moved away from it,
+    /// or under a region of the scope): the caller checks each one, as with the whole feed.
+    pub fn scoped_changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        keys: &[String],
+    ) -> Result<ScopedPage, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        scope_feed::read(&txn, since, limit, keys)
+    }
+
     /// Appends a marker to the change feed and returns its sequence: something changed that
     /// is not a document (a token's scope), and devices whose cursor is older must know.
     /// Only the latest marker is kept.
@@ -1097,6 +1127,8 @@ impl Store {
             feed.insert(seq, *FEED_MARKER.as_bytes())?;
             meta.insert("feed-marker", seq.to_be_bytes().as_slice())?;
         }
+        // A marker concerns no scope's rows: devices hear of it by their cursor.
+        scope_feed::mark_indexed(&txn, seq)?;
         txn.commit()?;
         Ok(seq)
     }
@@ -1201,6 +1233,7 @@ fn insert_sync_states(
 /// taken before the old entry is removed, since that entry may be the last: a sequence is
 /// never given twice, or a cursor that had seen it would miss the change.
 fn drop_bytes(
+    txn: &redb::WriteTransaction,
     snaps: &mut redb::Table<'_, [u8; 16], &'static [u8]>,
     chunks: &mut redb::Table<'_, ([u8; 16], u32), &'static [u8]>,
     feed: &mut redb::Table<'_, u64, [u8; 16]>,
@@ -1213,8 +1246,15 @@ fn drop_bytes(
     snaps.remove(&key)?;
     let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
     feed.remove(meta.seq)?;
+    // The entry keeps its rows: an erased or forgotten document concerns whoever could read
+    // it, who must purge it.
+    let keys = scope_feed::entry_keys(meta);
+    let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
+    scope_feed::unindex(&mut by_scope, &keys, meta.seq)?;
     meta.seq = next;
     feed.insert(next, key)?;
+    scope_feed::index(&mut by_scope, &keys, next, key)?;
+    scope_feed::mark_indexed(txn, next)?;
     meta.heads.clear();
     meta.chunks = 0;
     Ok(())

@@ -29,7 +29,10 @@ use crate::protocol::message::{
     PROTOCOL_V1,
 };
 use crate::protocol::prepare::{self, Job, Prepared};
-use crate::store::{DocWrite, FeedEntry, Store, StoreError, StoredBytes, StoredDoc, FEED_MARKER};
+use crate::store::{
+    scope_feed, DocWrite, FeedEntry, ScopedPage, Store, StoreError, StoredBytes, StoredDoc,
+    FEED_MARKER,
+};
 use crate::DocumentId;
 
 /// Identifies one connection, chosen by the adapter.
@@ -41,6 +44,21 @@ pub trait HubStore {
     fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError>;
     /// The change feed after `since`.
     fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError>;
+    /// The change feed after `since` for a reader scoped to the index rows `keys` (see
+    /// [`Store::scoped_changes_since`]). The default reads the whole feed, which holds every
+    /// entry the rows could select.
+    fn scoped_changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        _keys: &[String],
+    ) -> Result<ScopedPage, StoreError> {
+        Ok(ScopedPage::of_feed(
+            self.changes_since(since, limit)?,
+            since,
+            limit,
+        ))
+    }
     /// Stored heads of a document, without loading it.
     fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError>;
     /// The latest feed sequence.
@@ -63,6 +81,14 @@ impl HubStore for Store {
     fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
         Store::changes_since(self, since, limit)
     }
+    fn scoped_changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        keys: &[String],
+    ) -> Result<ScopedPage, StoreError> {
+        Store::scoped_changes_since(self, since, limit, keys)
+    }
     fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
         Ok(Store::meta(self, id)?.map(|m| m.change_hashes()))
     }
@@ -83,6 +109,14 @@ impl<T: HubStore> HubStore for std::sync::Arc<T> {
     }
     fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
         (**self).changes_since(since, limit)
+    }
+    fn scoped_changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        keys: &[String],
+    ) -> Result<ScopedPage, StoreError> {
+        (**self).scoped_changes_since(since, limit, keys)
     }
     fn heads(&self, id: DocumentId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
         (**self).heads(id)
@@ -2414,21 +2448,43 @@ impl<S: HubStore> Hub<S> {
         let mut cursor = since;
         let mut more = false;
         let mut scanned = 0;
+        // A scoped device reads the feed's rows for its sites and regions (and those its
+        // token covered before a change of scope), not every entry: the entries it may not
+        // see are skipped below either way.
+        let keys = if identity.role == crate::access::Role::Admin {
+            None
+        } else {
+            let all = match &former {
+                Some(f) => identity.scope.union(f),
+                None => identity.scope.clone(),
+            };
+            scope_feed::scope_keys(&all)
+        };
         // Scan pages until one reply is full or the feed ends, skipping what the device
         // may not see without telling it anything about those documents. A narrow token
         // over a national feed would skip nearly everything, so one reply scans a bounded
         // part of the feed: the device asks for the rest, and other devices' work goes on
         // in between.
         'scan: loop {
-            let page = match self.store.changes_since(cursor, self.cfg.feed_page) {
+            let read = match &keys {
+                Some(k) => self
+                    .store
+                    .scoped_changes_since(cursor, self.cfg.feed_page, k),
+                None => self
+                    .store
+                    .changes_since(cursor, self.cfg.feed_page)
+                    .map(|e| ScopedPage::of_feed(e, cursor, self.cfg.feed_page)),
+            };
+            let page = match read {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "feed read failed");
                     return self.fail(step, conn, "server storage error".into());
                 }
             };
-            let full = page.len() == self.cfg.feed_page;
-            for e in page {
+            let full = !page.complete;
+            let page_end = page.cursor;
+            for e in page.entries {
                 cursor = e.seq;
                 if e.id == FEED_MARKER {
                     continue;
@@ -2472,6 +2528,7 @@ impl<S: HubStore> Hub<S> {
                     break 'scan;
                 }
             }
+            cursor = cursor.max(page_end);
             scanned += 1;
             if !full {
                 break;
