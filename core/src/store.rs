@@ -49,7 +49,7 @@ mod meta;
 pub mod scope_feed;
 
 pub use scope_feed::ScopedPage;
-use scope_feed::FEED_BY_SCOPE;
+use scope_feed::{FeedWriter, FEED_BY_SCOPE};
 
 const DOCS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("docs");
 const SNAPSHOTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("snapshots");
@@ -433,8 +433,8 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     txn.open_table(SYNC_STATES)?;
     txn.open_table(AUDIT)?;
     txn.open_table(FEED_BY_SCOPE)?;
+    scope_feed::ensure_indexed(&txn)?;
     txn.commit()?;
-    scope_feed::ensure_indexed(&db)?;
     Ok(db)
 }
 
@@ -682,11 +682,8 @@ impl Store {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
-            let mut feed = txn.open_table(FEED)?;
+            let mut feed = FeedWriter::open(&txn)?;
             let mut by_site = txn.open_table(BY_SITE)?;
-            let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
-            let first_seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
-            let mut next_seq = first_seq;
             for w in writes {
                 let key = *w.id.as_bytes();
                 let old = docs
@@ -711,8 +708,7 @@ impl Store {
                             seqs.push(old.seq);
                             continue;
                         }
-                        feed.remove(old.seq)?;
-                        scope_feed::unindex(&mut by_scope, &scope_feed::entry_keys(&old), old.seq)?;
+                        feed.remove(&old)?;
                         if !w.data.is_empty() {
                             chunks.insert((key, old.chunks), w.data.as_slice())?;
                         }
@@ -788,17 +784,13 @@ impl Store {
                     }
                     meta.chunks = 0;
                 }
-                meta.seq = next_seq;
-                next_seq += 1;
-                feed.insert(meta.seq, key)?;
-                scope_feed::index(&mut by_scope, &scope_feed::entry_keys(&meta), meta.seq, key)?;
+                meta.seq = feed.take_seq();
+                feed.insert(key, &meta)?;
                 let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
                 seqs.push(meta.seq);
             }
-            if next_seq != first_seq {
-                scope_feed::mark_indexed(&txn, next_seq - 1)?;
-            }
+            feed.finish()?;
         }
         txn.commit()?;
         Ok(seqs)
@@ -876,7 +868,7 @@ impl Store {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
-            let mut feed = txn.open_table(FEED)?;
+            let mut feed = FeedWriter::open(&txn)?;
             let mut by_site = txn.open_table(BY_SITE)?;
             let key = *id.as_bytes();
             let meta = docs
@@ -885,9 +877,7 @@ impl Store {
                 .transpose()?;
             existed = meta.is_some();
             if let Some(meta) = meta {
-                feed.remove(meta.seq)?;
-                let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
-                scope_feed::unindex(&mut by_scope, &scope_feed::entry_keys(&meta), meta.seq)?;
+                feed.remove(&meta)?;
                 for s in &meta.info.sites {
                     by_site.remove((s.as_str(), key))?;
                 }
@@ -937,7 +927,7 @@ impl Store {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
-            let mut feed = txn.open_table(FEED)?;
+            let mut feed = FeedWriter::open(&txn)?;
             let key = *id.as_bytes();
             let old = docs
                 .get(&key)?
@@ -947,7 +937,8 @@ impl Store {
                 return Ok(None);
             };
             if !meta.info.erased {
-                drop_bytes(&txn, &mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+                drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+                feed.finish()?;
                 meta.info.erased = true;
                 let bytes = meta::encode(&meta);
                 docs.insert(key, bytes.as_slice())?;
@@ -1003,7 +994,7 @@ impl Store {
             let mut docs = txn.open_table(DOCS)?;
             let mut snaps = txn.open_table(SNAPSHOTS)?;
             let mut chunks = txn.open_table(CHUNKS)?;
-            let mut feed = txn.open_table(FEED)?;
+            let mut feed = FeedWriter::open(&txn)?;
             let mut by_site = txn.open_table(BY_SITE)?;
             let key = *id.as_bytes();
             let old = docs
@@ -1019,7 +1010,8 @@ impl Store {
             for s in &meta.info.sites {
                 by_site.remove((s.as_str(), key))?;
             }
-            drop_bytes(&txn, &mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+            drop_bytes(&mut snaps, &mut chunks, &mut feed, key, &mut meta)?;
+            feed.finish()?;
             meta.gone = true;
             let bytes = meta::encode(&meta);
             docs.insert(key, bytes.as_slice())?;
@@ -1114,21 +1106,19 @@ impl Store {
     /// Only the latest marker is kept.
     pub fn mark_feed(&self) -> Result<u64, StoreError> {
         let txn = self.begin_write()?;
-        let seq;
+        let mut feed = FeedWriter::open(&txn)?;
+        let seq = feed.take_seq();
         {
-            let mut feed = txn.open_table(FEED)?;
             let mut meta = txn.open_table(META)?;
-            seq = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
             if let Some(old) = meta.get("feed-marker")?.map(|g| g.value().to_vec()) {
                 if let Ok(b) = <[u8; 8]>::try_from(old.as_slice()) {
-                    feed.remove(u64::from_be_bytes(b))?;
+                    feed.remove_marker(u64::from_be_bytes(b))?;
                 }
             }
-            feed.insert(seq, *FEED_MARKER.as_bytes())?;
+            feed.insert_marker(seq)?;
             meta.insert("feed-marker", seq.to_be_bytes().as_slice())?;
         }
-        // A marker concerns no scope's rows: devices hear of it by their cursor.
-        scope_feed::mark_indexed(&txn, seq)?;
+        feed.finish()?;
         txn.commit()?;
         Ok(seq)
     }
@@ -1229,14 +1219,11 @@ fn insert_sync_states(
 }
 
 /// Drops a document's snapshot and chunks and gives it the next feed sequence, so that
-/// replicas hear of the change (an erasure, or leaving this replica's scope). The sequence is
-/// taken before the old entry is removed, since that entry may be the last: a sequence is
-/// never given twice, or a cursor that had seen it would miss the change.
+/// replicas hear of the change (an erasure, or leaving this replica's scope).
 fn drop_bytes(
-    txn: &redb::WriteTransaction,
     snaps: &mut redb::Table<'_, [u8; 16], &'static [u8]>,
     chunks: &mut redb::Table<'_, ([u8; 16], u32), &'static [u8]>,
-    feed: &mut redb::Table<'_, u64, [u8; 16]>,
+    feed: &mut FeedWriter<'_>,
     key: [u8; 16],
     meta: &mut DocMeta,
 ) -> Result<(), StoreError> {
@@ -1244,17 +1231,11 @@ fn drop_bytes(
         chunks.remove((key, n))?;
     }
     snaps.remove(&key)?;
-    let next = feed.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
-    feed.remove(meta.seq)?;
-    // The entry keeps its rows: an erased or forgotten document concerns whoever could read
-    // it, who must purge it.
-    let keys = scope_feed::entry_keys(meta);
-    let mut by_scope = txn.open_table(FEED_BY_SCOPE)?;
-    scope_feed::unindex(&mut by_scope, &keys, meta.seq)?;
-    meta.seq = next;
-    feed.insert(next, key)?;
-    scope_feed::index(&mut by_scope, &keys, next, key)?;
-    scope_feed::mark_indexed(txn, next)?;
+    // The new entry keeps the rows of the old one: an erased or forgotten document concerns
+    // whoever could read it, who must purge it.
+    feed.remove(meta)?;
+    meta.seq = feed.take_seq();
+    feed.insert(key, meta)?;
     meta.heads.clear();
     meta.chunks = 0;
     Ok(())
@@ -1322,6 +1303,33 @@ mod tests {
             tx.commit();
         }
         doc
+    }
+
+    #[test]
+    fn a_sequence_is_never_given_twice_even_after_the_last_entry_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let mut store = Store::open(&path).unwrap();
+        let write = |store: &Store| {
+            let id = DocumentId::random();
+            let w = DocWrite::from_doc(id, DocInfo::other(), &doc_with(1), Vec::new());
+            (id, store.write(&[w]).unwrap()[0])
+        };
+        write(&store);
+        let (last, seq) = write(&store);
+        assert_eq!(seq, 2);
+        // A purged document was the feed's last entry: a cursor may have seen its sequence.
+        assert!(store.remove(last).unwrap());
+        assert_eq!(store.last_seq().unwrap(), 1);
+        assert_eq!(write(&store).1, 3);
+        store.remove(write(&store).0).unwrap();
+        assert_eq!(store.mark_feed().unwrap(), 5);
+        // Across a restart too.
+        let purged = write(&store).0;
+        assert!(store.remove(purged).unwrap());
+        drop(store);
+        store = Store::open(&path).unwrap();
+        assert_eq!(write(&store).1, 7);
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! `feed_by_scope` holds, for each document's feed entry, one row per site and region the
 //! entry can concern, so a listing reads only those rows.
 //!
-//! The rows of an entry come from its metadata alone ([`entry_keys`]): its sites and regions,
+//! The rows of an entry come from its metadata alone (`entry_keys`): its sites and regions,
 //! and the sites and regions it was moved away from (whoever could read it there must purge
 //! it). Erased and gone documents keep theirs: their entries tell devices to purge. A
 //! document the domain cannot place ([`DocKind::Other`]) has none, as no scope but the whole
 //! store covers it.
 //!
-//! Every transaction that writes the feed records the last sequence the index covers. A file
+//! Every write of the feed goes through one writer (`FeedWriter`), which adds or removes an
+//! entry's rows with it and records, in the same transaction, how far the index goes. A file
 //! whose feed went further (written by a build without the index) gets the index rebuilt at
 //! open. Rows left behind by such a build point at entries that no longer exist; readers
 //! check each row against the document's metadata and skip those.
@@ -30,8 +31,18 @@ use super::{decode_meta, DocMeta, FeedEntry, StoreError, DOCS, FEED, FEED_MARKER
 pub(super) const FEED_BY_SCOPE: TableDefinition<(&str, u64), [u8; 16]> =
     TableDefinition::new("feed_by_scope");
 
-/// In `meta`: the feed sequence up to which `feed_by_scope` is complete (8 bytes, big endian).
+/// In `meta`: the last feed sequence given out, up to which `feed_by_scope` is complete
+/// (8 bytes, big endian).
 const INDEXED_UPTO: &str = "feed-by-scope-upto";
+
+fn indexed_upto(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    Ok(txn
+        .open_table(META)?
+        .get(INDEXED_UPTO)?
+        .and_then(|g| <[u8; 8]>::try_from(g.value()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
 
 fn site_key(site: &str) -> String {
     format!("s/{site}")
@@ -82,84 +93,142 @@ pub fn scope_keys(scope: &Scope) -> Option<Vec<String>> {
     Some(keys)
 }
 
-/// Adds the rows of `meta`'s entry (at `meta.seq`).
-pub(super) fn index(
-    table: &mut redb::Table<'_, (&'static str, u64), [u8; 16]>,
-    keys: &[String],
-    seq: u64,
-    id: [u8; 16],
-) -> Result<(), StoreError> {
-    for k in keys {
-        table.insert((k.as_str(), seq), id)?;
-    }
-    Ok(())
+/// The change feed and its scope index, open for writing in one transaction. Every write
+/// of the feed goes through it, so that no entry is added without its rows, and sequences
+/// are handed out in one place.
+pub(super) struct FeedWriter<'txn> {
+    txn: &'txn redb::WriteTransaction,
+    entries: redb::Table<'txn, u64, [u8; 16]>,
+    rows: redb::Table<'txn, (&'static str, u64), [u8; 16]>,
+    next: u64,
+    wrote: bool,
 }
 
-/// Removes the rows of an entry that was at `seq` under `keys`.
-pub(super) fn unindex(
-    table: &mut redb::Table<'_, (&'static str, u64), [u8; 16]>,
-    keys: &[String],
-    seq: u64,
-) -> Result<(), StoreError> {
-    for k in keys {
-        table.remove((k.as_str(), seq))?;
+impl<'txn> FeedWriter<'txn> {
+    /// Opens the feed's tables in `txn`.
+    pub(super) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
+        let entries = txn.open_table(FEED)?;
+        let last = entries.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+        // The last entry may have been removed since (a purged document): its sequence was
+        // given all the same.
+        let next = last.max(indexed_upto(txn)?) + 1;
+        Ok(FeedWriter {
+            txn,
+            entries,
+            rows: txn.open_table(FEED_BY_SCOPE)?,
+            next,
+            wrote: false,
+        })
     }
-    Ok(())
+
+    /// The next sequence: after every one given before, not after the entries left. An
+    /// entry removed may have been the last, and a sequence given twice would be missed by a
+    /// cursor that had seen it.
+    pub(super) fn take_seq(&mut self) -> u64 {
+        self.next += 1;
+        self.next - 1
+    }
+
+    /// Adds the entry of a document whose metadata is `meta` (at `meta.seq`), with its rows.
+    pub(super) fn insert(&mut self, id: [u8; 16], meta: &DocMeta) -> Result<(), StoreError> {
+        self.entries.insert(meta.seq, id)?;
+        for k in entry_keys(meta) {
+            self.rows.insert((k.as_str(), meta.seq), id)?;
+        }
+        self.wrote = true;
+        Ok(())
+    }
+
+    /// Removes the entry of a document whose metadata is `meta`, and its rows.
+    pub(super) fn remove(&mut self, meta: &DocMeta) -> Result<(), StoreError> {
+        self.entries.remove(meta.seq)?;
+        for k in entry_keys(meta) {
+            self.rows.remove((k.as_str(), meta.seq))?;
+        }
+        Ok(())
+    }
+
+    /// Adds a marker ([`FEED_MARKER`]): it has no rows, devices hear of it by their cursor.
+    pub(super) fn insert_marker(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.entries.insert(seq, *FEED_MARKER.as_bytes())?;
+        self.wrote = true;
+        Ok(())
+    }
+
+    /// Removes a marker.
+    pub(super) fn remove_marker(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.entries.remove(seq)?;
+        Ok(())
+    }
+
+    /// Records the last sequence given, up to which the index is complete, in the same
+    /// transaction. Every writer that inserted must finish: the next one counts from it.
+    pub(super) fn finish(self) -> Result<(), StoreError> {
+        let FeedWriter {
+            txn, next, wrote, ..
+        } = self;
+        if wrote {
+            mark_indexed(txn, next - 1)?;
+        }
+        Ok(())
+    }
 }
 
 /// Records that the index covers the feed up to `seq`, inside the transaction that wrote it.
-pub(super) fn mark_indexed(txn: &redb::WriteTransaction, seq: u64) -> Result<(), StoreError> {
+fn mark_indexed(txn: &redb::WriteTransaction, seq: u64) -> Result<(), StoreError> {
     txn.open_table(META)?
         .insert(INDEXED_UPTO, seq.to_be_bytes().as_slice())?;
     Ok(())
 }
 
-/// Rebuilds the index if the feed went past what it covers. Returns the number of entries
-/// indexed (0 when nothing was to do).
-pub(super) fn ensure_indexed(db: &redb::Database) -> Result<usize, StoreError> {
-    let txn = db.begin_write()?;
+/// Rebuilds the index in `txn` if the feed went past what it covers. Returns the number of
+/// entries indexed (0 when nothing was to do).
+pub(super) fn ensure_indexed(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
     let last = txn
         .open_table(FEED)?
         .last()?
         .map(|(k, _)| k.value())
         .unwrap_or(0);
-    let upto = txn
-        .open_table(META)?
-        .get(INDEXED_UPTO)?
-        .and_then(|g| <[u8; 8]>::try_from(g.value()).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0);
-    if upto == last {
+    // Below it: the last entries were removed, which leaves nothing to index.
+    if last <= indexed_upto(txn)? {
         return Ok(0);
     }
     let started = std::time::Instant::now();
     txn.delete_table(FEED_BY_SCOPE)?;
     let mut indexed = 0;
+    let mut damaged = 0;
     {
         let feed = txn.open_table(FEED)?;
         let docs = txn.open_table(DOCS)?;
-        let mut table = txn.open_table(FEED_BY_SCOPE)?;
+        let mut rows = txn.open_table(FEED_BY_SCOPE)?;
         for row in feed.iter()? {
             let (seq, id) = row?;
-            let id = DocumentId::from_bytes(id.value());
+            let (seq, id) = (seq.value(), DocumentId::from_bytes(id.value()));
             if id == FEED_MARKER {
                 continue;
             }
             let Some(m) = docs.get(id.as_bytes())? else {
                 continue;
             };
-            match decode_meta(id, m.value()) {
-                Ok(meta) => {
-                    index(&mut table, &entry_keys(&meta), seq.value(), *id.as_bytes())?;
-                    indexed += 1;
-                }
-                // A listing that reaches it reports the damage; the index cannot place it.
-                Err(e) => tracing::warn!(error = %e, "feed entry left out of the scope index"),
+            // A record that does not decode cannot be placed: scoped listings leave it out,
+            // and a listing of the whole feed reports the damage, as it did before.
+            let Ok(meta) = decode_meta(id, m.value()) else {
+                damaged += 1;
+                continue;
+            };
+            for k in entry_keys(&meta) {
+                rows.insert((k.as_str(), seq), *id.as_bytes())?;
             }
+            indexed += 1;
         }
     }
-    mark_indexed(&txn, last)?;
-    txn.commit()?;
+    mark_indexed(txn, last)?;
+    if damaged > 0 {
+        tracing::warn!(
+            damaged,
+            "feed entries with damaged metadata left out of the scope index"
+        );
+    }
     tracing::info!(
         entries = indexed,
         ms = started.elapsed().as_millis() as u64,
@@ -449,8 +518,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_feed_written_without_the_index_is_indexed_again_at_open() {
+    /// A store of 8 households, 2 at each site, in the order of `ids`.
+    fn two_households_a_site() -> (tempfile::TempDir, Store, Vec<DocumentId>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("s.redb")).unwrap();
         let ids: Vec<DocumentId> = (0..8).map(|_| DocumentId::random()).collect();
@@ -463,6 +532,12 @@ mod tests {
             };
             apply(&store, &mut docs, &ids, &op);
         }
+        (dir, store, ids)
+    }
+
+    #[test]
+    fn a_feed_written_without_the_index_is_indexed_again_at_open() {
+        let (_dir, store, _) = two_households_a_site();
         let scope = &scopes()[0];
         let want = expected(&store, scope, 0);
         assert_eq!(want.len(), 2);
@@ -481,7 +556,37 @@ mod tests {
         assert_eq!(read_all(&store, scope, 0, 10).0, want);
         // Indexed once: opening again finds nothing to do.
         let db = store.database().unwrap();
-        assert_eq!(ensure_indexed(&db).unwrap(), 0);
+        let txn = db.begin_write().unwrap();
+        assert_eq!(ensure_indexed(&txn).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_damaged_record_is_left_out_of_a_rebuilt_index_and_the_rest_still_lists() {
+        let (_dir, store, ids) = two_households_a_site();
+        let scope = &scopes()[0];
+        let want = expected(&store, scope, 0);
+        assert_eq!(want.len(), 2);
+        // Damage the metadata of the scope's first household, and make the index stale.
+        {
+            let db = store.database().unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(DOCS)
+                .unwrap()
+                .insert(ids[0].as_bytes(), [0x01u8, 0xff, 0x00].as_slice())
+                .unwrap();
+            mark_indexed(&txn, 1).unwrap();
+            txn.commit().unwrap();
+        }
+        store
+            .reopen()
+            .expect("a damaged record does not stop the store from opening");
+        assert!(matches!(
+            store.changes_since(0, 100),
+            Err(StoreError::BadMeta { .. })
+        ));
+        let (seen, cursor) = read_all(&store, scope, 0, 10);
+        assert_eq!(seen, vec![want[1]]);
+        assert_eq!(cursor, store.last_seq().unwrap());
     }
 
     #[test]
