@@ -181,6 +181,21 @@ pub fn ensure_map<Tx: Transactable + ReadDoc>(
     }
 }
 
+/// Whether `doc` has applied every change in `hashes`.
+///
+/// automerge 0.12's `get_change_by_hash` rebuilds the whole change from the op set, which
+/// was a tenth of the server's engine thread in a push when used as a membership test; the
+/// change graph answers the same question from a hash lookup. With changes queued for
+/// missing dependencies `get_missing_deps` reports those too, so that rare case asks the
+/// slow way.
+pub fn has_changes(doc: &Automerge, hashes: &[automerge::ChangeHash]) -> bool {
+    if doc.get_missing_deps(&[]).is_empty() {
+        doc.get_missing_deps(hashes).is_empty()
+    } else {
+        hashes.iter().all(|h| doc.get_change_by_hash(h).is_some())
+    }
+}
+
 /// Describes a document for the store and for access control. `region_of` maps a site code to
 /// its region, where the caller knows it.
 pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<String>) -> DocInfo {
@@ -220,5 +235,38 @@ pub fn describe(doc: &Automerge, region_of: &mut dyn FnMut(&str) -> Option<Strin
         sites,
         regions,
         erased: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_change(doc: &mut Automerge, key: &str) -> automerge::ChangeHash {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key, 1).unwrap();
+        tx.commit().0.unwrap()
+    }
+
+    #[test]
+    fn has_changes_answers_as_the_slow_lookup_does() {
+        let mut a = Automerge::new();
+        let first = with_change(&mut a, "x");
+        let mut b = a.fork();
+        let second = with_change(&mut b, "y");
+        let third = with_change(&mut b, "z");
+        let unknown = automerge::ChangeHash([7u8; 32]);
+        assert!(has_changes(&a, &[]));
+        assert!(has_changes(&a, &[first]));
+        assert!(!has_changes(&a, &[first, second]));
+        assert!(!has_changes(&a, &[unknown]));
+        // `third` alone arrives: it waits in the queue for `second`. It is not applied, and
+        // `first` still is.
+        let change = b.get_change_by_hash(&third).unwrap();
+        a.apply_changes([change]).unwrap();
+        assert!(!a.get_missing_deps(&[]).is_empty());
+        assert!(has_changes(&a, &[first]));
+        assert!(!has_changes(&a, &[third]));
+        assert!(!has_changes(&a, &[first, second]));
     }
 }

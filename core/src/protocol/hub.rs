@@ -1564,9 +1564,8 @@ impl<S: HubStore> Hub<S> {
             // Heads this replica no longer holds (a document purged, then back in scope)
             // would make automerge build a bloom filter from changes it lacks.
             .filter(|st| {
-                st.shared_heads
-                    .iter()
-                    .all(|h| doc.is_some_and(|d| d.get_change_by_hash(h).is_some()))
+                st.shared_heads.is_empty()
+                    || doc.is_some_and(|d| document::has_changes(d, &st.shared_heads))
             });
         let mut state = saved.unwrap_or_default();
         state.set_read_only(!can_write);
@@ -1784,10 +1783,7 @@ impl<S: HubStore> Hub<S> {
             // The read-only sync state never asks for the device's changes and drops any it
             // sends; a device holding changes the server lacks is trying to write.
             let doc = &self.docs[&id].doc;
-            let unknown = sync_msg
-                .heads
-                .iter()
-                .any(|h| doc.get_change_by_hash(h).is_none());
+            let unknown = !document::has_changes(doc, &sync_msg.heads);
             if unknown || !sync_msg.changes.is_empty() {
                 // Told every time: a client made to wait for the document again (its next
                 // message carries heads only) must hear it again. Clients never answer a
@@ -2038,7 +2034,7 @@ impl<S: HubStore> Hub<S> {
             if let Some(d) = self.docs.get(&e.id) {
                 let mut mine = d.doc.get_heads();
                 mine.sort();
-                if mine == *theirs && stored.iter().all(|h| d.doc.get_change_by_hash(h).is_some()) {
+                if mine == *theirs && document::has_changes(&d.doc, &stored) {
                     return true;
                 }
             }

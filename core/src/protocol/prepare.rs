@@ -13,7 +13,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 
 use crate::document::{self, DocInfo};
 use crate::DocumentId;
@@ -73,7 +73,7 @@ pub(crate) fn apply_message(
     })) {
         Ok(Ok(())) => {
             if let Some(heads) = first_push {
-                if heads.iter().all(|h| doc.get_change_by_hash(h).is_some()) {
+                if document::has_changes(doc, &heads) {
                     state.their_have = Some(vec![sync::Have {
                         last_sync: heads,
                         bloom: Default::default(),
