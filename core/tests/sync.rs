@@ -1380,7 +1380,9 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
     };
     let who = soc01_enumerator();
     // Neither step is committed, so both hubs start from the same store.
-    let run = |workers: usize| {
+    // `together`: both batches handed over as one round (`Hub::receive_all`, as the server's
+    // engine does), where the new documents are applied ahead while the first is handled.
+    let run = |workers: usize, together: bool| {
         let cfg = HubConfig {
             peer_id: "relais-server-office".into(),
             workers,
@@ -1394,16 +1396,37 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
             peer_metadata: PeerMetadata::default(),
         };
         hub.receive(2, &join.encode());
-        let mut step = hub.receive(2, &first.encode());
-        step.absorb(hub.receive(2, &second.encode()));
+        let (first, second) = (first.encode(), second.encode());
+        let step = if together {
+            hub.receive_all(&[(2, &first), (2, &second)])
+        } else {
+            let mut step = hub.receive(2, &first);
+            step.absorb(hub.receive(2, &second));
+            step
+        };
         (step, hub.stats().applied_ahead)
     };
-    let (one, none_ahead) = run(1);
-    let (many, ahead) = run(4);
+    let (one, none_ahead) = run(1, false);
+    let (many, ahead) = run(4, false);
     assert_eq!(none_ahead, 0);
     // Seven of the new households, the edit and the one out of scope, not the one sent
     // twice; then the four edits.
     assert_eq!(ahead, 13);
+    // The same from a round: the edits, applied ahead from nothing, are found stale when
+    // their frame comes and applied again with their batch.
+    for workers in [1, 2, 4] {
+        let (round, ahead) = run(workers, true);
+        assert_eq!(ahead, if workers == 1 { 0 } else { 13 });
+        assert_eq!(round.sends, one.sends, "{workers} workers");
+        assert_eq!(round.closes, one.closes);
+        let ids = |s: &Step| {
+            s.writes
+                .iter()
+                .map(|w| (w.id, w.heads.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&round), ids(&one));
+    }
     let writes = |s: &Step| {
         s.writes
             .iter()

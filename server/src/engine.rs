@@ -15,7 +15,7 @@ use relais_core::audit::{AuditAction, AuditEntry};
 use relais_core::protocol::hub::{advance_cursor, ConnId, Event, Hub, HubConfig, HubStats, Step};
 use relais_core::store::Store;
 use relais_core::DocumentId;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::metrics::Metrics;
 use crate::upstream::{self, Link};
@@ -132,7 +132,7 @@ pub const QUEUED_INPUT_BYTES: usize = 256 * 1024 * 1024;
 /// until handled.
 struct Queued {
     input: Input,
-    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Engine {
@@ -253,6 +253,18 @@ fn purge_from_upstream(
     (hub.purged(id, &info, erased), seq)
 }
 
+/// Frames received and not handled yet, with their share of the queued bytes.
+type Pending = Vec<(ConnId, Vec<u8>, Option<OwnedSemaphorePermit>)>;
+
+/// Hands the pending frames to the hub as one round.
+fn flush_frames(hub: &mut Hub<Arc<Store>>, step: &mut Step, frames: &mut Pending) {
+    if !frames.is_empty() {
+        let round: Vec<(ConnId, &[u8])> = frames.iter().map(|(c, b, _)| (*c, &b[..])).collect();
+        step.absorb(hub.receive_all(&round));
+        frames.clear();
+    }
+}
+
 fn run(
     store: Arc<Store>,
     cfg: HubConfig,
@@ -275,9 +287,19 @@ fn run(
         }
         let mut step = Step::default();
         let mut arrivals = Vec::new();
+        // Frames in a row are handed to the hub together, which applies their documents on
+        // several threads while it handles them in order (`Hub::receive_all`). Each frame's
+        // share of the queued bytes is given back once it has been handled.
+        let mut frames: Pending = Vec::new();
         for queued in batch.drain(..) {
-            // The frame's share of the queued bytes is given back once it has been handled.
             let Queued { input, _bytes } = queued;
+            if let Input::Frame { conn, bytes, at } = input {
+                frames.push((conn, bytes, _bytes));
+                arrivals.push(at);
+                continue;
+            }
+            // Whatever came before this input is handled before it.
+            flush_frames(&mut hub, &mut step, &mut frames);
             match input {
                 Input::Connect {
                     conn,
@@ -317,10 +339,7 @@ fn run(
                     step.absorb(hub.connect_outbound(conn, remote, c.remote, c.local, c.peer));
                     upstream = Some(UpstreamConn { conn, url });
                 }
-                Input::Frame { conn, bytes, at } => {
-                    step.absorb(hub.receive(conn, &bytes));
-                    arrivals.push(at);
-                }
+                Input::Frame { .. } => unreachable!("frames are gathered above"),
                 Input::Disconnect { conn } => {
                     hub.disconnect(conn);
                     outboxes.remove(&conn);
@@ -343,6 +362,7 @@ fn run(
                 }
             }
         }
+        flush_frames(&mut hub, &mut step, &mut frames);
         // Feed sequences of this round's writes that the upstream already holds (documents
         // it sent, now identical on both sides, and the purges it asked for).
         let mut confirmed_upstream = Vec::new();

@@ -878,11 +878,115 @@ impl<S: HubStore> Hub<S> {
 
     /// Handles one binary frame from a connection.
     pub fn receive(&mut self, conn: ConnId, frame: &[u8]) -> Step {
+        self.receive_decoded(conn, Message::decode(frame))
+    }
+
+    /// Handles the frames of a round, of any connections, in order: exactly as
+    /// [`Self::receive`] one after the other, with their steps absorbed into one. With
+    /// [`HubConfig::workers`] above one, the documents new to this hub that the frames bring
+    /// are applied on helper threads while the earlier frames are handled (see
+    /// [`prepare::ahead`]).
+    pub fn receive_all(&mut self, frames: &[(ConnId, &[u8])]) -> Step {
+        let mut step = Step::default();
+
+        if self.cfg.workers < 2 || frames.len() < 2 {
+            for (conn, frame) in frames {
+                step.absorb(self.receive(*conn, frame));
+            }
+            return step;
+        }
+        let decoded: Vec<_> = frames
+            .iter()
+            .map(|(conn, frame)| (*conn, Message::decode(frame)))
+            .collect();
+        let jobs: Vec<_> = decoded
+            .iter()
+            .map(|(conn, msg)| self.jobs_ahead(*conn, msg))
+            .collect();
+        let workers = self.cfg.workers;
+        prepare::ahead(jobs, workers, |ahead| {
+            for (i, (conn, msg)) in decoded.into_iter().enumerate() {
+                // Only this frame's documents: a prepared result is checked against the
+                // document and state it started from, not against the message.
+                self.prepared.clear();
+                for p in ahead.take(i) {
+                    self.prepared.insert(p.id, p);
+                }
+                step.absorb(self.receive_decoded(conn, msg));
+            }
+            self.prepared.clear();
+        });
+        step
+    }
+
+    /// The documents of one frame of a round to apply ahead: those that bring changes to a
+    /// document this hub holds nothing of in memory, or only an empty placeholder, so that
+    /// the job needs no copy of it. Each is checked again when its frame is handled (one the
+    /// store holds, say, has other heads and is applied there instead), so this only has to
+    /// guess well; it never decides anything.
+    fn jobs_ahead(
+        &mut self,
+        conn: ConnId,
+        msg: &Result<Message, DecodeError>,
+    ) -> Vec<Job<'static>> {
+        let Some(c) = self.conns.get(&conn) else {
+            return Vec::new();
+        };
+        if !matches!(c.phase, Phase::Ready) {
+            return Vec::new();
+        }
+        let docs: Vec<(DocumentId, &[u8])> = match msg {
+            Ok(Message::SyncBatch { docs, .. }) if c.ext => {
+                // A document twice in one batch is left to the batch, which applies it twice.
+                let mut count: HashMap<DocumentId, usize> = HashMap::new();
+                for d in docs {
+                    *count.entry(d.document_id).or_default() += 1;
+                }
+                docs.iter()
+                    .filter(|d| count[&d.document_id] == 1)
+                    .map(|d| (d.document_id, d.data.as_slice()))
+                    .collect()
+            }
+            Ok(Message::Sync(m) | Message::Request(m)) => match m.document_id.parse() {
+                Ok(id) => vec![(id, m.data.as_slice())],
+                Err(_) => Vec::new(),
+            },
+            _ => return Vec::new(),
+        };
+        let mut jobs = Vec::new();
+        for (id, data) in docs {
+            let empty = self.docs.get(&id).is_none_or(|e| {
+                e.doc.get_heads().is_empty() && e.doc.get_missing_deps(&[]).is_empty()
+            });
+            if !empty {
+                continue;
+            }
+            let Ok(message) = sync::Message::decode(data) else {
+                continue;
+            };
+            if message.changes.is_empty() {
+                continue;
+            }
+            let state = match self.conns[&conn].syncs.get(&id) {
+                Some(s) => s.clone(),
+                None => self.initial_state(conn, id, true),
+            };
+            jobs.push(Job {
+                id,
+                base: None,
+                state,
+                message,
+            });
+        }
+        jobs
+    }
+
+    fn receive_decoded(&mut self, conn: ConnId, msg: Result<Message, DecodeError>) -> Step {
         let mut step = Step::default();
         if !self.conns.contains_key(&conn) {
             return step;
         }
-        match Message::decode(frame) {
+        match msg {
             Ok(msg) => self.handle(conn, msg, &mut step),
             Err(e) => {
                 let reason = match e {
@@ -1556,9 +1660,13 @@ impl<S: HubStore> Hub<S> {
             return sync::State::new();
         };
         let doc = self.docs.get(&id).map(|d| &d.doc);
+        // A saved state holds shared heads only, and none of them can be in a document with
+        // no changes: no need to look (a store read per document of a first push).
+        let holds = doc.is_some_and(|d| !d.get_heads().is_empty());
         let saved = c
             .state_key
             .as_deref()
+            .filter(|_| holds)
             .and_then(|k| self.store.sync_state(k, id))
             .and_then(|b| sync::State::decode(&b).ok())
             // Heads this replica no longer holds (a document purged, then back in scope)
@@ -1576,7 +1684,6 @@ impl<S: HubStore> Hub<S> {
     /// about to apply to a fork: those this connection may write, whose message brings
     /// changes, each once (see [`prepare`]). Anything unusual is left to `sync` alone.
     fn prepare_batch(&mut self, conn: ConnId, docs: &[BatchDoc]) {
-        self.prepared.clear();
         if self.cfg.workers < 2 || docs.len() < prepare::PARALLEL_MIN {
             return;
         }
@@ -1598,6 +1705,14 @@ impl<S: HubStore> Hub<S> {
             };
             if message.changes.is_empty() || self.ensure_loaded(id).is_err() {
                 continue;
+            }
+            if let Some(p) = self.prepared.get(&id) {
+                // Applied ahead with its round (`receive_all`): still from what is held now?
+                let heads = self.docs.get(&id).map(|e| e.doc.get_heads());
+                if heads.unwrap_or_default() == p.before {
+                    continue;
+                }
+                self.prepared.remove(&id);
             }
             if let Some(e) = self.docs.get(&id) {
                 let known = !e.doc.get_heads().is_empty();

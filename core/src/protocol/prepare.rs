@@ -9,8 +9,16 @@
 //! state are still exactly those the fork started from takes the prepared result; any other
 //! is applied again where it stands. The parallel step only saves time: what the hub decides
 //! and sends is what it would without it.
+//!
+//! The engine hands the hub every frame of a round at once ([`super::hub::Hub::receive_all`]).
+//! Then the new documents of all of them are applied ahead by [`ahead`], on helper threads
+//! that work through the round while the hub walks it frame by frame: the walk (access
+//! checks, replies, the store's writes) no longer waits for a batch's documents to be
+//! applied, nor leaves the other core idle while it runs.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
@@ -136,4 +144,192 @@ pub(crate) fn prepare_all(jobs: Vec<Job<'_>>, workers: usize) -> Vec<Prepared> {
         }
         done
     })
+}
+
+/// The documents of a round's frames, applied ahead while the hub handles the frames in
+/// order: see [`ahead`].
+pub(crate) struct Ahead<'a> {
+    jobs: &'a [Mutex<Option<Job<'static>>>],
+    next: &'a AtomicUsize,
+    done: mpsc::Receiver<(usize, Prepared)>,
+    slots: Vec<Option<Prepared>>,
+    /// Where each frame's jobs end in `jobs`.
+    ends: Vec<usize>,
+    /// Jobs whose results have arrived (in `slots`) or that can no longer arrive.
+    settled: Vec<bool>,
+}
+
+impl Ahead<'_> {
+    /// The documents of frame `frame` applied, waiting for them (and applying others on this
+    /// thread meanwhile) if need be. Empty for a frame without jobs; a job lost to a helper's
+    /// panic is missing, to be applied in order as any other document.
+    pub(crate) fn take(&mut self, frame: usize) -> Vec<Prepared> {
+        let Some(&end) = self.ends.get(frame) else {
+            return Vec::new();
+        };
+        let start = if frame == 0 { 0 } else { self.ends[frame - 1] };
+        while (start..end).any(|k| !self.settled[k]) {
+            // Claim the next job not started: this frame's, or a later one while a helper
+            // finishes one of this frame's.
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            if let Some(slot) = self.jobs.get(k) {
+                if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
+                    self.slots[k] = Some(prepare(job));
+                }
+                self.settled[k] = true;
+                continue;
+            }
+            match self.done.recv() {
+                Ok((k, p)) => {
+                    self.slots[k] = Some(p);
+                    self.settled[k] = true;
+                }
+                // Every helper has stopped: nothing more arrives.
+                Err(_) => self.settled.iter_mut().for_each(|s| *s = true),
+            }
+        }
+        self.slots[start..end]
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect()
+    }
+}
+
+/// Applies `frames[i]`'s jobs for every frame of a round on `workers - 1` helper threads
+/// and the calling one, while `walk` handles the frames in order and takes each frame's
+/// results with [`Ahead::take`]. The helpers take the jobs in order, so the frames the walk
+/// needs first are done first.
+pub(crate) fn ahead<R>(
+    frames: Vec<Vec<Job<'static>>>,
+    workers: usize,
+    walk: impl FnOnce(&mut Ahead<'_>) -> R,
+) -> R {
+    let mut ends = Vec::with_capacity(frames.len());
+    let mut jobs = Vec::new();
+    for f in frames {
+        jobs.extend(f.into_iter().map(|j| Mutex::new(Some(j))));
+        ends.push(jobs.len());
+    }
+    let n = jobs.len();
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let mut helpers = Vec::new();
+        for _ in 1..workers.min(n) {
+            let (tx, jobs, next) = (tx.clone(), &jobs, &next);
+            helpers.push(scope.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(slot) = jobs.get(k) else { break };
+                let job = slot.lock().ok().and_then(|mut j| j.take());
+                if let Some(job) = job {
+                    if tx.send((k, prepare(job))).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        // Only the helpers send: once they stop, the walk's `recv` returns.
+        drop(tx);
+        let mut state = Ahead {
+            jobs: &jobs,
+            next: &next,
+            done: rx,
+            slots: (0..n).map(|_| None).collect(),
+            ends,
+            settled: vec![false; n],
+        };
+        let r = walk(&mut state);
+        // Jobs of frames the walk never took are not started now.
+        next.fetch_max(n, Ordering::Relaxed);
+        for h in helpers {
+            // Joined here, not by the scope, which would pass a helper's panic on: as in
+            // `prepare_all`, what a helper held is simply applied in order.
+            let _ = h.join();
+        }
+        r
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+
+    /// A sync message carrying the whole of a new one-change document, and its heads.
+    fn carrying(key: &str) -> (sync::Message, Vec<ChangeHash>) {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, key, 1).unwrap();
+        tx.commit();
+        let (mut mine, mut theirs) = (sync::State::new(), sync::State::new());
+        let mut empty = Automerge::new();
+        let first = doc.generate_sync_message(&mut mine).unwrap();
+        empty.receive_sync_message(&mut theirs, first).unwrap();
+        let ask = empty.generate_sync_message(&mut theirs).unwrap();
+        doc.receive_sync_message(&mut mine, ask).unwrap();
+        let message = doc.generate_sync_message(&mut mine).unwrap();
+        assert!(!message.changes.is_empty());
+        (message, doc.get_heads())
+    }
+
+    fn job(key: &str, n: u8) -> (Job<'static>, Vec<ChangeHash>) {
+        let (message, heads) = carrying(key);
+        let job = Job {
+            id: DocumentId::from_bytes([n; 16]),
+            base: None,
+            state: sync::State::new(),
+            message,
+        };
+        (job, heads)
+    }
+
+    #[test]
+    fn each_frame_gets_its_own_documents_whatever_the_threads() {
+        let sizes = [2usize, 0, 1, 3, 0];
+        for workers in [1, 2, 3, 8] {
+            let mut frames = Vec::new();
+            let mut expected = Vec::new();
+            let mut n = 0u8;
+            for size in sizes {
+                let mut jobs = Vec::new();
+                let mut want = Vec::new();
+                for _ in 0..size {
+                    n += 1;
+                    let (j, heads) = job(&format!("k{n}"), n);
+                    want.push((j.id, heads));
+                    jobs.push(j);
+                }
+                frames.push(jobs);
+                expected.push(want);
+            }
+            let got = ahead(frames, workers, |a| {
+                // The last frame first: a walk takes them in order, but nothing depends on it.
+                let last = a.take(3);
+                let mut all: Vec<_> = (0..sizes.len()).map(|i| a.take(i)).collect();
+                all[3] = last;
+                all.push(a.take(sizes.len()));
+                all
+            });
+            assert!(got[sizes.len()].is_empty(), "no such frame");
+            for (frame, (prepared, want)) in got.iter().zip(&expected).enumerate() {
+                let seen: Vec<_> = prepared
+                    .iter()
+                    .map(|p| (p.id, p.candidate.get_heads()))
+                    .collect();
+                assert_eq!(&seen, want, "frame {frame}, {workers} workers");
+                assert!(prepared
+                    .iter()
+                    .all(|p| p.refused.is_none() && p.before.is_empty()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_taken_twice_is_empty_the_second_time() {
+        let (a, _) = job("a", 1);
+        let (b, _) = job("b", 2);
+        let (first, again) = ahead(vec![vec![a, b]], 2, |w| (w.take(0), w.take(0)));
+        assert_eq!(first.len(), 2);
+        assert!(again.is_empty());
+    }
 }
