@@ -1332,9 +1332,82 @@ fn a_sync_batch_needs_relais_1_and_stops_at_the_first_bad_document() {
     }
 }
 
+/// The office's hub with a tablet (`who`) joined on connection 2 in protocol `relais-1`.
+fn office_hub(office: &Ledger, who: &Identity, workers: usize) -> Hub<Arc<Store>> {
+    use relais_core::protocol::message::{PeerMetadata, PROTOCOL_RELAIS};
+    let cfg = HubConfig {
+        peer_id: "relais-server-office".into(),
+        workers,
+        ..HubConfig::default()
+    };
+    let mut hub = Hub::new(cfg, office.store_arc());
+    hub.connect(2, who.clone());
+    let join = Message::Join {
+        sender_id: "tab".into(),
+        supported_protocol_versions: vec!["1".to_string(), PROTOCOL_RELAIS.to_string()],
+        peer_metadata: PeerMetadata::default(),
+    };
+    hub.receive(2, &join.encode());
+    hub
+}
+
+#[test]
+fn a_round_past_what_is_applied_ahead_gives_what_one_thread_gives() {
+    use relais_core::protocol::hub::AHEAD_MAX_DOCS;
+    let dir = tempfile::tempdir().unwrap();
+    let (office, tab, _) = provisioned(dir.path(), false);
+    // More new households than a round applies ahead, in three frames: the budget runs out
+    // in the third, whose last documents are applied with their own batch.
+    let per_frame = AHEAD_MAX_DOCS * 2 / 5;
+    let frames: Vec<Vec<u8>> = (0..3)
+        .map(|f| {
+            let docs = (0..per_frame)
+                .map(|i| {
+                    let h = new_household("SOC-01", &format!("Frame {f} {i}"));
+                    first_push(&tab, tab.register(h).unwrap())
+                })
+                .collect();
+            Message::SyncBatch {
+                sender_id: "tab".into(),
+                target_id: "s".into(),
+                docs,
+            }
+            .encode()
+        })
+        .collect();
+    let who = soc01_enumerator();
+    let run = |workers: usize, together: bool| {
+        let mut hub = office_hub(&office, &who, workers);
+        let round: Vec<(u64, &[u8])> = frames.iter().map(|f| (2, f.as_slice())).collect();
+        let step = if together {
+            hub.receive_all(&round)
+        } else {
+            let mut step = Step::default();
+            for (conn, frame) in round {
+                step.absorb(hub.receive(conn, frame));
+            }
+            step
+        };
+        (step, hub.stats().applied_ahead)
+    };
+    let (one, _) = run(1, false);
+    let (many, ahead) = run(2, true);
+    assert_eq!(ahead, 3 * per_frame as u64);
+    assert_eq!(many.writes.len(), 3 * per_frame);
+    let ids = |s: &Step| {
+        s.writes
+            .iter()
+            .map(|w| (w.id, w.heads.clone(), w.data.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&many), ids(&one));
+    assert_eq!(many.sends, one.sends);
+    assert!(many.closes.is_empty() && one.closes.is_empty());
+}
+
 #[test]
 fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
-    use relais_core::protocol::message::{BatchDoc, PeerMetadata, PROTOCOL_RELAIS};
+    use relais_core::protocol::message::BatchDoc;
     let dir = tempfile::tempdir().unwrap();
     // The office already holds one household, which the tablet then edits.
     let (office, tab, _) = provisioned(dir.path(), false);
@@ -1383,19 +1456,7 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
     // `together`: both batches handed over as one round (`Hub::receive_all`, as the server's
     // engine does), where the new documents are applied ahead while the first is handled.
     let run = |workers: usize, together: bool| {
-        let cfg = HubConfig {
-            peer_id: "relais-server-office".into(),
-            workers,
-            ..HubConfig::default()
-        };
-        let mut hub = Hub::new(cfg, office.store_arc());
-        hub.connect(2, who.clone());
-        let join = Message::Join {
-            sender_id: "tab".into(),
-            supported_protocol_versions: vec!["1".to_string(), PROTOCOL_RELAIS.to_string()],
-            peer_metadata: PeerMetadata::default(),
-        };
-        hub.receive(2, &join.encode());
+        let mut hub = office_hub(&office, &who, workers);
         let (first, second) = (first.encode(), second.encode());
         let step = if together {
             hub.receive_all(&[(2, &first), (2, &second)])

@@ -190,6 +190,15 @@ pub const MAX_SCANNED_PAGES: usize = 10;
 /// Documents in one `relais-sync-batch` frame at most.
 pub const BATCH_DOCS: usize = 256;
 
+/// Documents of one round that [`Hub::receive_all`] applies ahead at most. Their results wait
+/// in memory until their frame is handled, so a round of many full frames must not expand
+/// all at once; the documents past this are applied with their own batch, as by
+/// [`Hub::receive`].
+pub const AHEAD_MAX_DOCS: usize = 1_024;
+
+/// Bytes of sync messages one round applies ahead at most (see [`AHEAD_MAX_DOCS`]).
+pub const AHEAD_MAX_BYTES: usize = 16 * 1024 * 1024;
+
 /// Bytes of one `relais-sync-batch` frame before the next document starts another (a single
 /// larger message still goes, alone). Far under any sane frame limit, and small enough that a
 /// frame lost to a dropped 2G link costs little to send again.
@@ -899,9 +908,10 @@ impl<S: HubStore> Hub<S> {
             .iter()
             .map(|(conn, frame)| (*conn, Message::decode(frame)))
             .collect();
+        let mut budget = (AHEAD_MAX_DOCS, AHEAD_MAX_BYTES);
         let jobs: Vec<_> = decoded
             .iter()
-            .map(|(conn, msg)| self.jobs_ahead(*conn, msg))
+            .map(|(conn, msg)| self.jobs_ahead(*conn, msg, &mut budget))
             .collect();
         let workers = self.cfg.workers;
         prepare::ahead(jobs, workers, |ahead| {
@@ -924,10 +934,12 @@ impl<S: HubStore> Hub<S> {
     /// the job needs no copy of it. Each is checked again when its frame is handled (one the
     /// store holds, say, has other heads and is applied there instead), so this only has to
     /// guess well; it never decides anything.
+    /// `budget` is what the round may still apply ahead, in documents and bytes.
     fn jobs_ahead(
         &mut self,
         conn: ConnId,
         msg: &Result<Message, DecodeError>,
+        budget: &mut (usize, usize),
     ) -> Vec<Job<'static>> {
         let Some(c) = self.conns.get(&conn) else {
             return Vec::new();
@@ -955,6 +967,9 @@ impl<S: HubStore> Hub<S> {
         };
         let mut jobs = Vec::new();
         for (id, data) in docs {
+            if budget.0 == 0 || budget.1 < data.len() {
+                break;
+            }
             let empty = self.docs.get(&id).is_none_or(|e| {
                 e.doc.get_heads().is_empty() && e.doc.get_missing_deps(&[]).is_empty()
             });
@@ -971,6 +986,8 @@ impl<S: HubStore> Hub<S> {
                 Some(s) => s.clone(),
                 None => self.initial_state(conn, id, true),
             };
+            budget.0 -= 1;
+            budget.1 -= data.len();
             jobs.push(Job {
                 id,
                 base: None,
