@@ -199,6 +199,15 @@ pub const AHEAD_MAX_DOCS: usize = 1_024;
 /// Bytes of sync messages one round applies ahead at most (see [`AHEAD_MAX_DOCS`]).
 pub const AHEAD_MAX_BYTES: usize = 16 * 1024 * 1024;
 
+/// How many times each document is in a batch: one sent twice is applied in order only.
+fn times_in(docs: &[BatchDoc]) -> HashMap<DocumentId, usize> {
+    let mut count = HashMap::new();
+    for d in docs {
+        *count.entry(d.document_id).or_default() += 1;
+    }
+    count
+}
+
 /// Bytes of one `relais-sync-batch` frame before the next document starts another (a single
 /// larger message still goes, alone). Far under any sane frame limit, and small enough that a
 /// frame lost to a dropped 2G link costs little to send again.
@@ -897,7 +906,6 @@ impl<S: HubStore> Hub<S> {
     /// [`prepare::ahead`]).
     pub fn receive_all(&mut self, frames: &[(ConnId, &[u8])]) -> Step {
         let mut step = Step::default();
-
         if self.cfg.workers < 2 || frames.len() < 2 {
             for (conn, frame) in frames {
                 step.absorb(self.receive(*conn, frame));
@@ -934,6 +942,7 @@ impl<S: HubStore> Hub<S> {
     /// the job needs no copy of it. Each is checked again when its frame is handled (one the
     /// store holds, say, has other heads and is applied there instead), so this only has to
     /// guess well; it never decides anything.
+    ///
     /// `budget` is what the round may still apply ahead, in documents and bytes.
     fn jobs_ahead(
         &mut self,
@@ -950,10 +959,7 @@ impl<S: HubStore> Hub<S> {
         let docs: Vec<(DocumentId, &[u8])> = match msg {
             Ok(Message::SyncBatch { docs, .. }) if c.ext => {
                 // A document twice in one batch is left to the batch, which applies it twice.
-                let mut count: HashMap<DocumentId, usize> = HashMap::new();
-                for d in docs {
-                    *count.entry(d.document_id).or_default() += 1;
-                }
+                let count = times_in(docs);
                 docs.iter()
                     .filter(|d| count[&d.document_id] == 1)
                     .map(|d| (d.document_id, d.data.as_slice()))
@@ -982,10 +988,7 @@ impl<S: HubStore> Hub<S> {
             if message.changes.is_empty() {
                 continue;
             }
-            let state = match self.conns[&conn].syncs.get(&id) {
-                Some(s) => s.clone(),
-                None => self.initial_state(conn, id, true),
-            };
+            let state = self.state_to_apply(conn, id);
             budget.0 -= 1;
             budget.1 -= data.len();
             jobs.push(Job {
@@ -1672,6 +1675,15 @@ impl<S: HubStore> Hub<S> {
     }
 
     /// The sync state a connection starts a document with (see [`Self::ensure_state`]).
+    /// The sync state a document of `conn` is applied ahead from: the connection's, or the
+    /// one `sync` would start it with.
+    fn state_to_apply(&self, conn: ConnId, id: DocumentId) -> sync::State {
+        match self.conns.get(&conn).and_then(|c| c.syncs.get(&id)) {
+            Some(s) => s.clone(),
+            None => self.initial_state(conn, id, true),
+        }
+    }
+
     fn initial_state(&self, conn: ConnId, id: DocumentId, can_write: bool) -> sync::State {
         let Some(c) = self.conns.get(&conn) else {
             return sync::State::new();
@@ -1707,10 +1719,7 @@ impl<S: HubStore> Hub<S> {
         let Some(identity) = self.conns.get(&conn).map(|c| c.identity.clone()) else {
             return;
         };
-        let mut count: HashMap<DocumentId, usize> = HashMap::new();
-        for d in docs {
-            *count.entry(d.document_id).or_default() += 1;
-        }
+        let count = times_in(docs);
         let mut wanted = Vec::new();
         for d in docs {
             let id = d.document_id;
@@ -1741,10 +1750,7 @@ impl<S: HubStore> Hub<S> {
                     continue;
                 }
             }
-            let state = match self.conns[&conn].syncs.get(&id) {
-                Some(s) => s.clone(),
-                None => self.initial_state(conn, id, true),
-            };
+            let state = self.state_to_apply(conn, id);
             wanted.push((id, state, message));
         }
         let jobs = wanted
