@@ -1403,6 +1403,45 @@ fn a_round_past_what_is_applied_ahead_gives_what_one_thread_gives() {
     assert_eq!(ids(&many), ids(&one));
     assert_eq!(many.sends, one.sends);
     assert!(many.closes.is_empty() && one.closes.is_empty());
+    // The same round planned, applied while nothing else happens (as during a commit) until
+    // told to stop after some documents (mid-frame, at a frame's end, or never), then
+    // handled: what one thread gives, and the documents the applying did not reach are
+    // applied ahead with the walk.
+    let all = 3 * per_frame;
+    for (workers, threads, stop_after) in [
+        (1, 1, 3),
+        (1, 1, per_frame),
+        (1, 1, usize::MAX),
+        (2, 1, 0),
+        (2, 1, per_frame / 2),
+        (2, 2, per_frame),
+        (2, 1, usize::MAX),
+        (4, 3, per_frame + 7),
+    ] {
+        let mut hub = office_hub(&office, &who, workers);
+        let round: Vec<(u64, &[u8])> = frames.iter().map(|f| (2, f.as_slice())).collect();
+        let plan = hub.plan_ahead(&round);
+        assert_eq!(plan.len(), 3);
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let applied = plan.apply(threads, &|| {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= stop_after
+        });
+        // Nothing was handled yet: the hub counts no document applied ahead.
+        assert_eq!(hub.stats().applied_ahead, 0);
+        let step = hub.receive_applied(applied);
+        let label = format!("{workers} workers, {threads} applying, stopped after {stop_after}");
+        assert_eq!(ids(&step), ids(&one), "{label}");
+        assert_eq!(step.sends, one.sends, "{label}");
+        assert!(step.closes.is_empty(), "{label}");
+        // With one worker only the plan applies ahead (a batch applies its own documents
+        // ahead only with two), one document per `stop` asked, up to the round's bound.
+        let expected = if workers == 1 {
+            stop_after.min(AHEAD_MAX_DOCS)
+        } else {
+            all
+        };
+        assert_eq!(hub.stats().applied_ahead, expected as u64, "{label}");
+    }
 }
 
 #[test]

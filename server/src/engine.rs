@@ -6,13 +6,15 @@
 //! commits at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use relais_core::access::Identity;
 use relais_core::audit::{AuditAction, AuditEntry};
-use relais_core::protocol::hub::{advance_cursor, ConnId, Event, Hub, HubConfig, HubStats, Step};
+use relais_core::protocol::hub::{
+    advance_cursor, AppliedRound, ConnId, Event, Hub, HubConfig, HubStats, Step,
+};
 use relais_core::store::Store;
 use relais_core::DocumentId;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
@@ -277,8 +279,19 @@ fn run(
     let mut upstream: Option<UpstreamConn> = None;
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
+    // Inputs taken while the round before committed, and the documents their leading
+    // frames brought, applied meanwhile (see `commit_applying`).
+    let mut next: Vec<Queued> = Vec::new();
+    let mut applied: Option<AppliedRound> = None;
+    loop {
+        if next.is_empty() {
+            match rx.blocking_recv() {
+                Some(first) => batch.push(first),
+                None => break,
+            }
+        } else {
+            batch.append(&mut next);
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(i) => batch.push(i),
@@ -287,6 +300,16 @@ fn run(
         }
         let mut step = Step::default();
         let mut arrivals = Vec::new();
+        if let Some(round) = applied.take() {
+            // The first frames of the batch, planned and applied during the last commit.
+            let planned: Vec<Queued> = batch.drain(..round.len()).collect();
+            arrivals.extend(planned.iter().filter_map(|q| match &q.input {
+                Input::Frame { at, .. } => Some(*at),
+                _ => None,
+            }));
+            step.absorb(hub.receive_applied(round));
+            drop(planned);
+        }
         // Frames in a row are handed to the hub together, which applies their documents on
         // several threads while it handles them in order (`Hub::receive_all`). Each frame's
         // share of the queued bytes is given back once it has been handled.
@@ -370,7 +393,12 @@ fn run(
             // Sync states this round produced so far (peers that left, documents the upstream
             // confirmed) ride in the same transaction: one flush instead of two.
             let states = hub.take_sync_states();
-            let seqs = store.commit_with_states(&step.writes, &step.audit, &states);
+            let seqs = {
+                let commit = || store.commit_with_states(&step.writes, &step.audit, &states);
+                let (seqs, round) = commit_applying(&mut hub, &mut rx, &mut next, commit);
+                applied = round;
+                seqs
+            };
             if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
                 confirmed_upstream = seqs
                     .iter()
@@ -505,6 +533,54 @@ fn run(
         metrics.loaded_documents.set(hub.loaded_docs() as i64);
     }
     tracing::debug!("engine stopped");
+}
+
+/// Commits a round (`commit`, on a thread of its own) while the engine takes the inputs
+/// already waiting into `next` and applies the documents new to the hub that their leading
+/// frames bring ([`Hub::plan_ahead`]): the commit is mostly the file's, and this is work
+/// the next round would otherwise do with the other core idle. The applying stops at the
+/// first frame after the commit is done, so the round's replies wait for no more than one
+/// frame's documents. Nothing is decided here: the next round hands the result to
+/// [`Hub::receive_applied`], which handles the frames as [`Hub::receive_all`] would.
+fn commit_applying<T: Send>(
+    hub: &mut Hub<Arc<Store>>,
+    rx: &mut mpsc::Receiver<Queued>,
+    next: &mut Vec<Queued>,
+    commit: impl FnOnce() -> T + Send,
+) -> (T, Option<AppliedRound>) {
+    while next.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(i) => next.push(i),
+            Err(_) => break,
+        }
+    }
+    let lead: Vec<(ConnId, &[u8])> = next
+        .iter()
+        .map_while(|q| match &q.input {
+            Input::Frame { conn, bytes, .. } => Some((*conn, &bytes[..])),
+            _ => None,
+        })
+        .collect();
+    if lead.is_empty() {
+        return (commit(), None);
+    }
+    let plan = hub.plan_ahead(&lead);
+    // The commit keeps one core busy while it runs: the applying takes the others.
+    let threads = hub.config().workers.saturating_sub(1).max(1);
+    let committed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let committing = scope.spawn(|| {
+            let r = commit();
+            committed.store(true, Ordering::Release);
+            r
+        });
+        let round = plan.apply(threads, &|| committed.load(Ordering::Acquire));
+        match committing.join() {
+            Ok(r) => (r, Some(round)),
+            // The commit's own panic, as if it had run on this thread.
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
 }
 
 /// Writes the upstream cursors once for a round: those of a full sync that ended in it, if

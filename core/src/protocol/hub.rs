@@ -733,6 +733,11 @@ impl<S: HubStore> Hub<S> {
         &self.store
     }
 
+    /// What the hub was made with.
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
     /// Counters.
     pub fn stats(&self) -> HubStats {
         HubStats {
@@ -905,29 +910,74 @@ impl<S: HubStore> Hub<S> {
     /// are applied on helper threads while the earlier frames are handled (see
     /// [`prepare::ahead`]).
     pub fn receive_all(&mut self, frames: &[(ConnId, &[u8])]) -> Step {
-        let mut step = Step::default();
         if self.cfg.workers < 2 || frames.len() < 2 {
+            let mut step = Step::default();
             for (conn, frame) in frames {
                 step.absorb(self.receive(*conn, frame));
             }
             return step;
         }
-        let decoded: Vec<_> = frames
-            .iter()
-            .map(|(conn, frame)| (*conn, Message::decode(frame)))
-            .collect();
+        let decoded = decode_all(frames);
+        self.walk_round(decoded, Vec::new())
+    }
+
+    /// Plans a round that will be handled later, with [`Self::receive_applied`]: the
+    /// documents new to this hub that `frames` bring, to be applied by
+    /// [`RoundAhead::apply`] while the adapter does something else that needs no hub (the
+    /// commit of the round before). Nothing in the hub changes until then.
+    pub fn plan_ahead(&mut self, frames: &[(ConnId, &[u8])]) -> RoundAhead {
+        let decoded = decode_all(frames);
         let mut budget = (AHEAD_MAX_DOCS, AHEAD_MAX_BYTES);
-        let jobs: Vec<_> = decoded
+        let jobs = decoded
             .iter()
-            .map(|(conn, msg)| self.jobs_ahead(*conn, msg, &mut budget))
+            .map(|(conn, msg)| self.jobs_ahead(*conn, msg, &mut budget, &HashSet::new()))
             .collect();
+        RoundAhead { decoded, jobs }
+    }
+
+    /// Handles a round planned by [`Self::plan_ahead`] and applied by
+    /// [`RoundAhead::apply`]: exactly as [`Self::receive_all`] on the same frames. Whatever
+    /// changed in the hub since the plan is checked for as in `receive_all` (a result that no
+    /// longer starts from what the hub holds is applied again), and the documents the applying
+    /// did not reach are applied ahead here, with the walk.
+    pub fn receive_applied(&mut self, round: AppliedRound) -> Step {
+        self.walk_round(round.decoded, round.done)
+    }
+
+    /// Handles decoded frames in order. `done[i]` holds documents of frame `i` already
+    /// applied (by [`RoundAhead::apply`]); with more than one worker, the others new to the
+    /// hub are applied ahead on the hub's workers while the walk handles the earlier frames.
+    fn walk_round(
+        &mut self,
+        decoded: Vec<(ConnId, Result<Message, DecodeError>)>,
+        done: Vec<Vec<Prepared>>,
+    ) -> Step {
+        let mut step = Step::default();
         let workers = self.cfg.workers;
+        // What was applied already counts against the round's bound: it waits in memory too.
+        let held = done.iter().map(Vec::len).sum::<usize>();
+        let mut budget = (AHEAD_MAX_DOCS.saturating_sub(held), AHEAD_MAX_BYTES);
+        let jobs: Vec<_> = if workers < 2 {
+            Vec::new()
+        } else {
+            decoded
+                .iter()
+                .enumerate()
+                .map(|(i, (conn, msg))| {
+                    let skip: HashSet<DocumentId> =
+                        done.get(i).into_iter().flatten().map(|p| p.id).collect();
+                    self.jobs_ahead(*conn, msg, &mut budget, &skip)
+                })
+                .collect()
+        };
+        let mut done = done.into_iter();
         prepare::ahead(jobs, workers, |ahead| {
             for (i, (conn, msg)) in decoded.into_iter().enumerate() {
                 // Only this frame's documents: a prepared result is checked against the
                 // document and state it started from, not against the message.
                 self.prepared.clear();
-                for p in ahead.take(i) {
+                let results = done.next().unwrap_or_default();
+                for p in results.into_iter().chain(ahead.take(i)) {
                     self.prepared.insert(p.id, p);
                 }
                 step.absorb(self.receive_decoded(conn, msg));
@@ -949,6 +999,7 @@ impl<S: HubStore> Hub<S> {
         conn: ConnId,
         msg: &Result<Message, DecodeError>,
         budget: &mut (usize, usize),
+        skip: &HashSet<DocumentId>,
     ) -> Vec<Job<'static>> {
         let Some(c) = self.conns.get(&conn) else {
             return Vec::new();
@@ -975,6 +1026,9 @@ impl<S: HubStore> Hub<S> {
         for (id, data) in docs {
             if budget.0 == 0 || budget.1 < data.len() {
                 break;
+            }
+            if skip.contains(&id) {
+                continue;
             }
             let empty = self.docs.get(&id).is_none_or(|e| {
                 e.doc.get_heads().is_empty() && e.doc.get_missing_deps(&[]).is_empty()
@@ -2763,6 +2817,64 @@ impl<S: HubStore> Hub<S> {
                 }
             }
         }
+    }
+}
+
+/// Decodes each frame of a round.
+fn decode_all(frames: &[(ConnId, &[u8])]) -> Vec<(ConnId, Result<Message, DecodeError>)> {
+    frames
+        .iter()
+        .map(|(conn, frame)| (*conn, Message::decode(frame)))
+        .collect()
+}
+
+/// A round of frames planned by [`Hub::plan_ahead`], its new documents not yet applied.
+pub struct RoundAhead {
+    decoded: Vec<(ConnId, Result<Message, DecodeError>)>,
+    jobs: Vec<Vec<Job<'static>>>,
+}
+
+impl RoundAhead {
+    /// Frames in the round.
+    pub fn len(&self) -> usize {
+        self.decoded.len()
+    }
+
+    /// Whether the round has no frames.
+    pub fn is_empty(&self) -> bool {
+        self.decoded.is_empty()
+    }
+
+    /// Applies the round's new documents, in order, on `threads` threads (this one among
+    /// them), until `stop` says so: each thread asks before each document, so this returns
+    /// about one document's time after `stop` turns true. What was not reached is applied
+    /// ahead when the round is handled. Needs no hub, so it can run while the adapter
+    /// commits the round before.
+    pub fn apply(self, threads: usize, stop: &(dyn Fn() -> bool + Sync)) -> AppliedRound {
+        let done = prepare::apply_until(self.jobs, threads, stop);
+        AppliedRound {
+            decoded: self.decoded,
+            done,
+        }
+    }
+}
+
+/// A round with some of its new documents applied, by [`RoundAhead::apply`]: to
+/// be handled with [`Hub::receive_applied`].
+pub struct AppliedRound {
+    decoded: Vec<(ConnId, Result<Message, DecodeError>)>,
+    done: Vec<Vec<Prepared>>,
+}
+
+impl AppliedRound {
+    /// Frames in the round.
+    pub fn len(&self) -> usize {
+        self.decoded.len()
+    }
+
+    /// Whether the round has no frames.
+    pub fn is_empty(&self) -> bool {
+        self.decoded.is_empty()
     }
 }
 

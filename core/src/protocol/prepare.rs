@@ -195,6 +195,53 @@ impl Ahead<'_> {
     }
 }
 
+/// Applies `frames[i]`'s jobs in order on `threads` threads (the calling one among them)
+/// until `stop` says so, which each thread asks before each job: so it returns at most one
+/// job's time after `stop` turns true. The result holds, for each frame, the documents
+/// applied (a frame cut short has some of its documents, later frames none); a job not
+/// started, or lost to a helper's panic, is simply missing.
+pub(crate) fn apply_until(
+    frames: Vec<Vec<Job<'static>>>,
+    threads: usize,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Vec<Vec<Prepared>> {
+    let n_frames = frames.len();
+    let jobs: Vec<(usize, Mutex<Option<Job<'static>>>)> = frames
+        .into_iter()
+        .enumerate()
+        .flat_map(|(f, jobs)| jobs.into_iter().map(move |j| (f, Mutex::new(Some(j)))))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        while !stop() {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some((f, slot)) = jobs.get(k) else { break };
+            if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
+                done.push((*f, prepare(job)));
+            }
+        }
+        done
+    };
+    let mut by_frame: Vec<Vec<Prepared>> = (0..n_frames).map(|_| Vec::new()).collect();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads.min(jobs.len()))
+            .map(|_| scope.spawn(work))
+            .collect();
+        let mut all = work();
+        for h in helpers {
+            // As in `ahead`: a helper's panic only loses what it held.
+            if let Ok(more) = h.join() {
+                all.extend(more);
+            }
+        }
+        for (f, p) in all {
+            by_frame[f].push(p);
+        }
+    });
+    by_frame
+}
+
 /// Applies `frames[i]`'s jobs for every frame of a round on `workers - 1` helper threads
 /// and the calling one, while `walk` handles the frames in order and takes each frame's
 /// results with [`Ahead::take`]. The helpers take the jobs in order, so the frames the walk
