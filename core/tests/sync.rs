@@ -1388,11 +1388,14 @@ fn a_round_past_what_is_applied_ahead_gives_what_one_thread_gives() {
             }
             step
         };
-        (step, hub.stats().applied_ahead)
+        (step, hub.stats())
     };
-    let (one, _) = run(1, false);
-    let (many, ahead) = run(2, true);
-    assert_eq!(ahead, 3 * per_frame as u64);
+    let (one, one_stats) = run(1, false);
+    let (many, stats) = run(2, true);
+    assert_eq!(stats.applied_ahead, 3 * per_frame as u64);
+    // The third frame ran past the bound; one thread applies nothing ahead of its frame.
+    assert_eq!(stats.frames_past_ahead_bound, 1);
+    assert_eq!(one_stats.frames_past_ahead_bound, 0);
     assert_eq!(many.writes.len(), 3 * per_frame);
     let ids = |s: &Step| {
         s.writes
@@ -1441,6 +1444,10 @@ fn a_round_past_what_is_applied_ahead_gives_what_one_thread_gives() {
             all
         };
         assert_eq!(hub.stats().applied_ahead, expected as u64, "{label}");
+        // What was applied during the plan and what the walk applies ahead run out of the
+        // round's bound in the same frame, the third, however the work was split.
+        let past = u64::from(workers > 1);
+        assert_eq!(hub.stats().frames_past_ahead_bound, past, "{label}");
     }
 }
 

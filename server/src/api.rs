@@ -441,6 +441,13 @@ pub async fn status(
         "store": counts,
         "connections": stats.ready_connections,
         "loaded_documents": stats.loaded_docs,
+        // How much of the merging was spread over the cores (README "Batches on several
+        // cores"), for tuning `--sync-workers`; counts since the server started.
+        "sync": {
+            "applied_ahead": stats.applied_ahead,
+            "confirmed_unloaded": stats.confirmed_unloaded,
+            "frames_past_ahead_bound": stats.frames_past_ahead_bound,
+        },
         "upstream": upstream,
     }))
     .into_response())

@@ -62,7 +62,8 @@ async fn pipe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_cut_after_k_bytes_completes_on_retry_with_nothing_lost() {
     let (dir, data, token) = seeded_data_dir();
-    let server = Server::start(&data, &[]);
+    // Two threads whatever the cores here, so the push below is applied ahead.
+    let server = Server::start(&data, &["--sync-workers", "2"]);
     // What a clean push of 12 households costs.
     let reference = replica(dir.path(), "reference");
     reference.sync(&server.url(), &token).await.unwrap();
@@ -74,6 +75,11 @@ async fn a_sync_cut_after_k_bytes_completes_on_retry_with_nothing_lost() {
     }
     let full = reference.sync(&server.url(), &token).await.unwrap();
     assert_eq!(full.documents_sent, 12);
+    // The status says how the merging went: all 12 in one batch, applied on both threads.
+    let (_, status) = http(server.addr, "GET", "/api/v1/status", Some(&token), None);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["sync"]["applied_ahead"], 12, "{status}");
+    assert_eq!(status["sync"]["frames_past_ahead_bound"], 0, "{status}");
 
     let opts = SyncOptions {
         idle_timeout: Duration::from_secs(5),

@@ -577,6 +577,10 @@ pub struct HubStats {
     /// Documents sent over outbound connections from their stored bytes, without being
     /// loaded, and confirmed by the remote as they were (see [`HubStore::stored_bytes`]).
     pub confirmed_unloaded: u64,
+    /// Frames, since the start, of which some new documents were not applied ahead with
+    /// their round because it had reached [`AHEAD_MAX_DOCS`] or [`AHEAD_MAX_BYTES`] (they
+    /// are applied with their own batch instead): how often the bound costs time.
+    pub frames_past_ahead_bound: u64,
 }
 
 /// The sync hub. See the [module docs](self).
@@ -604,6 +608,8 @@ pub struct Hub<S: HubStore> {
     applied_ahead: u64,
     /// See [`HubStats::confirmed_unloaded`].
     confirmed_unloaded: u64,
+    /// See [`HubStats::frames_past_ahead_bound`].
+    frames_past_ahead_bound: u64,
 }
 
 /// Documents an outbound connection syncs at once. A replica with thousands of documents
@@ -725,6 +731,7 @@ impl<S: HubStore> Hub<S> {
             prepared: HashMap::new(),
             applied_ahead: 0,
             confirmed_unloaded: 0,
+            frames_past_ahead_bound: 0,
         }
     }
 
@@ -749,6 +756,7 @@ impl<S: HubStore> Hub<S> {
             loaded_docs: self.docs.len(),
             applied_ahead: self.applied_ahead,
             confirmed_unloaded: self.confirmed_unloaded,
+            frames_past_ahead_bound: self.frames_past_ahead_bound,
         }
     }
 
@@ -930,7 +938,7 @@ impl<S: HubStore> Hub<S> {
         let mut budget = (AHEAD_MAX_DOCS, AHEAD_MAX_BYTES);
         let jobs = decoded
             .iter()
-            .map(|(conn, msg)| self.jobs_ahead(*conn, msg, &mut budget, &HashSet::new()))
+            .map(|(conn, msg)| self.jobs_ahead(*conn, msg, &mut budget, &HashSet::new()).0)
             .collect();
         RoundAhead { decoded, jobs }
     }
@@ -966,7 +974,10 @@ impl<S: HubStore> Hub<S> {
                 .map(|(i, (conn, msg))| {
                     let skip: HashSet<DocumentId> =
                         done.get(i).into_iter().flatten().map(|p| p.id).collect();
-                    self.jobs_ahead(*conn, msg, &mut budget, &skip)
+                    let (jobs, capped) = self.jobs_ahead(*conn, msg, &mut budget, &skip);
+                    // Counted here, where the round is handled, not when it is planned.
+                    self.frames_past_ahead_bound += u64::from(capped);
+                    jobs
                 })
                 .collect()
         };
@@ -993,19 +1004,21 @@ impl<S: HubStore> Hub<S> {
     /// store holds, say, has other heads and is applied there instead), so this only has to
     /// guess well; it never decides anything.
     ///
-    /// `budget` is what the round may still apply ahead, in documents and bytes.
+    /// `budget` is what the round may still apply ahead, in documents and bytes; the `bool`
+    /// says whether it ran out before the frame's end. Documents in `skip` are applied
+    /// already.
     fn jobs_ahead(
         &mut self,
         conn: ConnId,
         msg: &Result<Message, DecodeError>,
         budget: &mut (usize, usize),
         skip: &HashSet<DocumentId>,
-    ) -> Vec<Job<'static>> {
+    ) -> (Vec<Job<'static>>, bool) {
         let Some(c) = self.conns.get(&conn) else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         if !matches!(c.phase, Phase::Ready) {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let docs: Vec<(DocumentId, &[u8])> = match msg {
             Ok(Message::SyncBatch { docs, .. }) if c.ext => {
@@ -1020,13 +1033,10 @@ impl<S: HubStore> Hub<S> {
                 Ok(id) => vec![(id, m.data.as_slice())],
                 Err(_) => Vec::new(),
             },
-            _ => return Vec::new(),
+            _ => return (Vec::new(), false),
         };
         let mut jobs = Vec::new();
         for (id, data) in docs {
-            if budget.0 == 0 || budget.1 < data.len() {
-                break;
-            }
             if skip.contains(&id) {
                 continue;
             }
@@ -1035,6 +1045,9 @@ impl<S: HubStore> Hub<S> {
             });
             if !empty {
                 continue;
+            }
+            if budget.0 == 0 || budget.1 < data.len() {
+                return (jobs, true);
             }
             let Ok(message) = sync::Message::decode(data) else {
                 continue;
@@ -1052,7 +1065,7 @@ impl<S: HubStore> Hub<S> {
                 message,
             });
         }
-        jobs
+        (jobs, false)
     }
 
     fn receive_decoded(&mut self, conn: ConnId, msg: Result<Message, DecodeError>) -> Step {

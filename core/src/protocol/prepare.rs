@@ -99,7 +99,22 @@ pub(crate) fn apply_message(
     }
 }
 
-fn prepare(job: Job<'_>) -> Prepared {
+/// A document whose applying panics in a test (see `tests`): the panic must cost no other
+/// document its result, whichever thread meets it.
+#[cfg(test)]
+const PANICS_IN_TESTS: DocumentId = DocumentId::from_bytes([0xEE; 16]);
+
+/// [`prepare_one`], or nothing if it panics: the document is then applied in order, as one
+/// not applied ahead, and no other document's result is lost with it.
+fn prepare(job: Job<'_>) -> Option<Prepared> {
+    catch_unwind(AssertUnwindSafe(|| prepare_one(job))).ok()
+}
+
+fn prepare_one(job: Job<'_>) -> Prepared {
+    #[cfg(test)]
+    if job.id == PANICS_IN_TESTS {
+        panic!("a test's panic while applying ahead");
+    }
     let mut candidate = job.base.map(Automerge::fork).unwrap_or_default();
     let before = candidate.get_heads();
     let mut state = job.state.clone();
@@ -121,7 +136,7 @@ fn prepare(job: Job<'_>) -> Prepared {
 pub(crate) fn prepare_all(jobs: Vec<Job<'_>>, workers: usize) -> Vec<Prepared> {
     let workers = workers.min(jobs.len());
     if workers < 2 || jobs.len() < PARALLEL_MIN {
-        return jobs.into_iter().map(prepare).collect();
+        return jobs.into_iter().filter_map(prepare).collect();
     }
     // Households cost about the same each, so dealing them out in turn balances the threads.
     let mut shares: Vec<Vec<Job<'_>>> = (0..workers).map(|_| Vec::new()).collect();
@@ -132,12 +147,14 @@ pub(crate) fn prepare_all(jobs: Vec<Job<'_>>, workers: usize) -> Vec<Prepared> {
     std::thread::scope(|scope| {
         let others: Vec<_> = shares
             .into_iter()
-            .map(|share| scope.spawn(move || share.into_iter().map(prepare).collect::<Vec<_>>()))
+            .map(|share| {
+                scope.spawn(move || share.into_iter().filter_map(prepare).collect::<Vec<_>>())
+            })
             .collect();
-        let mut done: Vec<Prepared> = mine.into_iter().map(prepare).collect();
+        let mut done: Vec<Prepared> = mine.into_iter().filter_map(prepare).collect();
         for handle in others {
-            // `prepare` catches automerge's panics; a panic here would be the hub's own bug,
-            // and the documents it held are simply applied again in order.
+            // `prepare` catches panics; one here would be the hub's own bug, and the
+            // documents it held are simply applied again in order.
             if let Ok(more) = handle.join() {
                 done.extend(more);
             }
@@ -151,7 +168,7 @@ pub(crate) fn prepare_all(jobs: Vec<Job<'_>>, workers: usize) -> Vec<Prepared> {
 pub(crate) struct Ahead<'a> {
     jobs: &'a [Mutex<Option<Job<'static>>>],
     next: &'a AtomicUsize,
-    done: mpsc::Receiver<(usize, Prepared)>,
+    done: mpsc::Receiver<(usize, Option<Prepared>)>,
     slots: Vec<Option<Prepared>>,
     /// Where each frame's jobs end in `jobs`.
     ends: Vec<usize>,
@@ -161,8 +178,8 @@ pub(crate) struct Ahead<'a> {
 
 impl Ahead<'_> {
     /// The documents of frame `frame` applied, waiting for them (and applying others on this
-    /// thread meanwhile) if need be. Empty for a frame without jobs; a job lost to a helper's
-    /// panic is missing, to be applied in order as any other document.
+    /// thread meanwhile) if need be. Empty for a frame without jobs; a job whose applying
+    /// panicked is missing, to be applied in order as any other document.
     pub(crate) fn take(&mut self, frame: usize) -> Vec<Prepared> {
         let Some(&end) = self.ends.get(frame) else {
             return Vec::new();
@@ -174,14 +191,14 @@ impl Ahead<'_> {
             let k = self.next.fetch_add(1, Ordering::Relaxed);
             if let Some(slot) = self.jobs.get(k) {
                 if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
-                    self.slots[k] = Some(prepare(job));
+                    self.slots[k] = prepare(job);
                 }
                 self.settled[k] = true;
                 continue;
             }
             match self.done.recv() {
                 Ok((k, p)) => {
-                    self.slots[k] = Some(p);
+                    self.slots[k] = p;
                     self.settled[k] = true;
                 }
                 // Every helper has stopped: nothing more arrives.
@@ -199,7 +216,7 @@ impl Ahead<'_> {
 /// until `stop` says so, which each thread asks before each job: so it returns at most one
 /// job's time after `stop` turns true. The result holds, for each frame, the documents
 /// applied (a frame cut short has some of its documents, later frames none); a job not
-/// started, or lost to a helper's panic, is simply missing.
+/// started, or whose applying panicked, is simply missing.
 pub(crate) fn apply_until(
     frames: Vec<Vec<Job<'static>>>,
     threads: usize,
@@ -217,8 +234,13 @@ pub(crate) fn apply_until(
         while !stop() {
             let k = next.fetch_add(1, Ordering::Relaxed);
             let Some((f, slot)) = jobs.get(k) else { break };
-            if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
-                done.push((*f, prepare(job)));
+            if let Some(p) = slot
+                .lock()
+                .ok()
+                .and_then(|mut j| j.take())
+                .and_then(prepare)
+            {
+                done.push((*f, p));
             }
         }
         done
@@ -230,7 +252,8 @@ pub(crate) fn apply_until(
             .collect();
         let mut all = work();
         for h in helpers {
-            // As in `ahead`: a helper's panic only loses what it held.
+            // As in `ahead`: `prepare` catches panics, so this is the hub's own bug, and
+            // only what that helper held is lost.
             if let Ok(more) = h.join() {
                 all.extend(more);
             }
@@ -367,6 +390,60 @@ mod tests {
                 assert!(prepared
                     .iter()
                     .all(|p| p.refused.is_none() && p.before.is_empty()));
+            }
+        }
+    }
+
+    /// Three frames of `n` documents each, one of them the one whose applying panics.
+    fn frames_with_a_panic(n: u8, at: (usize, usize)) -> (Vec<Vec<Job<'static>>>, Vec<DocumentId>) {
+        let mut frames = Vec::new();
+        let mut others = Vec::new();
+        for f in 0..3 {
+            let mut jobs = Vec::new();
+            for i in 0..n as usize {
+                let (mut j, _) = job(&format!("k{f}.{i}"), (f * n as usize + i + 1) as u8);
+                if (f, i) == at {
+                    j.id = PANICS_IN_TESTS;
+                } else {
+                    others.push(j.id);
+                }
+                jobs.push(j);
+            }
+            frames.push(jobs);
+        }
+        (frames, others)
+    }
+
+    #[test]
+    fn a_document_whose_applying_panics_costs_no_other_its_result() {
+        // First, inside and last in the round, on one thread and on several: whichever thread
+        // meets the panic (a helper, or the caller), the others' results all come back.
+        for at in [(0, 0), (1, 2), (2, 4)] {
+            for threads in [1, 2, 3] {
+                let ids = |ps: &[Prepared]| ps.iter().map(|p| p.id).collect::<Vec<_>>();
+                let (frames, others) = frames_with_a_panic(5, at);
+                let got: Vec<_> = ahead(frames, threads, |a| {
+                    (0..3).flat_map(|f| ids(&a.take(f))).collect()
+                });
+                assert_eq!(got, others, "ahead, panic at {at:?}, {threads} threads");
+
+                let (frames, others) = frames_with_a_panic(5, at);
+                let mut got: Vec<_> = apply_until(frames, threads, &|| false)
+                    .iter()
+                    .flat_map(|f| ids(f))
+                    .collect();
+                got.sort();
+                let mut want = others.clone();
+                want.sort();
+                assert_eq!(got, want, "apply_until, panic at {at:?}, {threads} threads");
+
+                let (frames, _) = frames_with_a_panic(5, at);
+                let mut got = ids(&prepare_all(
+                    frames.into_iter().flatten().collect(),
+                    threads,
+                ));
+                got.sort();
+                assert_eq!(got, want, "prepare_all, panic at {at:?}, {threads} threads");
             }
         }
     }
