@@ -2015,3 +2015,65 @@ fn a_rescoped_token_lists_everything_again_page_by_page_and_scans_in_bounded_ste
     assert_eq!(scan.frames, 2 + 3 * 2, "join and peer, then three listings");
     assert_eq!(scan.synced().unwrap().0, next.synced().unwrap().0);
 }
+
+#[test]
+fn a_household_whose_stored_record_is_damaged_is_unavailable_and_the_rest_of_the_push_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (office, tab, _) = provisioned(dir.path(), false);
+    let damaged = tab.register(new_household("SOC-01", "Damaged")).unwrap();
+    admin_link(&tab, &office, (0, 0)).run();
+    assert!(office.household(damaged).is_ok());
+    from_menaka(&tab, damaged);
+    // Its metadata record in the office's file is damaged (a bad sector, a bad copy).
+    {
+        let table: redb::TableDefinition<[u8; 16], &[u8]> = redb::TableDefinition::new("docs");
+        let db = office.store().database().unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(table)
+            .unwrap()
+            .insert(damaged.as_bytes(), [0x01u8, 0xff, 0x00].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    assert!(matches!(
+        office.store().meta(damaged),
+        Err(StoreError::BadMeta { .. })
+    ));
+    let fresh: Vec<_> = (0..5)
+        .map(|i| {
+            tab.register(new_household("SOC-01", &format!("Fresh {i}")))
+                .unwrap()
+        })
+        .collect();
+    let mut docs: Vec<_> = fresh.iter().map(|id| first_push(&tab, *id)).collect();
+    docs.insert(2, first_push(&tab, damaged));
+    let batch = Message::SyncBatch {
+        sender_id: "tab".into(),
+        target_id: "s".into(),
+        docs,
+    }
+    .encode();
+    for workers in [1, 2] {
+        let mut hub = office_hub(&office, &soc01_enumerator(), workers);
+        // Twice: the second time the hub has the fresh households in memory.
+        for round in 0..2 {
+            let label = format!("{workers} workers, round {round}");
+            let step = hub.receive(2, &batch);
+            // The connection stays, the other households are taken, and the tablet is told
+            // the damaged one is unavailable (it keeps its edit, pending).
+            assert!(step.closes.is_empty(), "{label}: {:?}", step.closes);
+            let written: Vec<_> = step.writes.iter().map(|w| w.id).collect();
+            if round == 0 {
+                assert_eq!(written, fresh, "{label}");
+            } else {
+                assert!(written.is_empty(), "{label}: {written:?}");
+            }
+            let unavailable = step.sends.iter().any(|(conn, frame)| {
+                *conn == 2
+                    && matches!(Message::decode(frame),
+                        Ok(Message::DocUnavailable { document_id, .. }) if document_id == damaged.to_string())
+            });
+            assert!(unavailable, "{label}");
+        }
+    }
+}
