@@ -116,6 +116,10 @@ pub struct Report {
     pub change_bytes_per_household: f64,
     /// A tablet's registrations pushed over a simulated 2G link.
     pub poor_link: Option<PoorLink>,
+    /// How the server spread the push's merging over its threads: what the push added to
+    /// the `sync` counters of `GET /api/v1/status` (documents applied ahead, frames past a
+    /// round's bound); null if the server did not answer.
+    pub push_server_sync: serde_json::Value,
 }
 
 /// A sync over a shaped link (see [`crate::shaping::Shape::edge`]).
@@ -387,6 +391,10 @@ fn print_table(r: &Report) {
         r.households_pushed as f64 / r.push_server_cpu_seconds.max(0.01)
     );
     println!(
+        "| of those households, applied ahead on the server's threads / frames past a round's bound | {} / {} |",
+        r.push_server_sync["applied_ahead"], r.push_server_sync["frames_past_ahead_bound"]
+    );
+    println!(
         "| sync latency A → server → B, p50 / p99 | {:.1} ms / {:.1} ms |",
         r.latency_ms_p50, r.latency_ms_p99
     );
@@ -438,7 +446,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     // poor-link tablet and its clean-link twin each have a site of their own too.
     let mut codes: Vec<String> = (0..args.tablets).map(|t| format!("BEN-P{t}")).collect();
     codes.extend(["BEN-02", "BEN-2G", "BEN-LAN"].map(String::from));
-    let (token, tablet_tokens, edge_token, lan_token, site_token) = {
+    let (token, tablet_tokens, edge_token, lan_token, site_token, admin_token) = {
         let ledger = reference_store(&data, &codes, &["nfi-kit:1"])?;
         let per_tablet = (0..args.tablets)
             .map(|t| {
@@ -455,6 +463,14 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
             enumerator_token(&ledger, "bench-BEN-2G", Some("BEN-2G"))?,
             enumerator_token(&ledger, "bench-BEN-LAN", Some("BEN-LAN"))?,
             enumerator_token(&ledger, "bench-BEN-02", Some("BEN-02"))?,
+            relais_server::tokens::create(
+                ledger.store(),
+                "bench-admin",
+                Role::Admin,
+                Scope::all(),
+                "bench",
+            )?
+            .0,
         )
     };
     let workers = args
@@ -510,6 +526,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         }
     }
     let cpu_before = usage(pid).1;
+    let sync_before = server_sync(server.addr, &admin_token);
     let started = Instant::now();
     let mut pushes = Vec::new();
     for (r, token) in tablets.iter().zip(&tablet_tokens) {
@@ -527,6 +544,7 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let push_seconds = started.elapsed().as_secs_f64();
     let push_server_cpu_seconds = usage(pid).1 - cpu_before;
+    let push_server_sync = counted_since(&sync_before, &server_sync(server.addr, &admin_token));
 
     // 3. Latency: A hands out a kit; B, connected in the background, sees it.
     let a = Arc::new(Replica::open(root.join("lat-a"), writer("lat-a"))?);
@@ -636,6 +654,40 @@ async fn bench(root: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
         wire_bytes_per_household: sent_bytes as f64 / pushed.max(1) as f64,
         change_bytes_per_household: change_bytes as f64 / counted.max(1) as f64,
         poor_link,
+        push_server_sync,
+    })
+}
+
+/// What each counter of `after` added to `before`; null unless both were read.
+fn counted_since(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let (Some(b), Some(a)) = (before.as_object(), after.as_object()) else {
+        return serde_json::Value::Null;
+    };
+    a.iter()
+        .map(|(k, v)| {
+            let count = |x: Option<&serde_json::Value>| x.and_then(|x| x.as_u64()).unwrap_or(0);
+            let added = count(Some(v)).saturating_sub(count(b.get(k)));
+            (k.clone(), serde_json::Value::from(added))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// The `sync` counters of the server's status, or null (with a warning) if it cannot be read:
+/// they explain a figure, they are not one.
+fn server_sync(addr: std::net::SocketAddr, admin_token: &str) -> serde_json::Value {
+    let read = || -> anyhow::Result<serde_json::Value> {
+        let text = ureq::get(&format!("http://{addr}/api/v1/status"))
+            .header("Authorization", &format!("Bearer {admin_token}"))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let status: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(status["sync"].clone())
+    };
+    read().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the server's status");
+        serde_json::Value::Null
     })
 }
 

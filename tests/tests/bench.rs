@@ -34,6 +34,10 @@ fn the_load_generator_runs_a_tiny_configuration() {
     assert_eq!(r["config"]["sync_workers"], 2);
     assert!(r["changes_per_second"].as_f64().unwrap() > 0.0);
     assert!(r["push_server_cpu_seconds"].as_f64().unwrap() >= 0.0);
+    // Each tablet's five new households come in one batch, applied on the server's two
+    // threads; nothing else was merged before the status was read.
+    assert_eq!(r["push_server_sync"]["applied_ahead"], 10, "{r}");
+    assert_eq!(r["push_server_sync"]["frames_past_ahead_bound"], 0, "{r}");
     assert!(r["latency_ms_p50"].as_f64().unwrap() > 0.0);
     assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
     // The downloaded site: its 20 households, the site and the campaign.
