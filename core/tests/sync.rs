@@ -1265,6 +1265,17 @@ fn from_menaka(tab: &Ledger, id: relais_core::DocumentId) {
     tab.update(id, &update).unwrap();
 }
 
+/// An office and a tablet provisioned from it, and a household (`name`) the office holds
+/// from the tablet, which the tablet has since edited offline.
+fn edited_on_the_tablet(dir: &std::path::Path, name: &str) -> (Ledger, Ledger, DocumentId) {
+    let (office, tab, _) = provisioned(dir, false);
+    let id = tab.register(new_household("SOC-01", name)).unwrap();
+    admin_link(&tab, &office, (0, 0)).run();
+    assert!(office.household(id).is_ok());
+    from_menaka(&tab, id);
+    (office, tab, id)
+}
+
 /// What a tablet pushes of a household the server has never seen: all its changes in the
 /// first message.
 fn first_push(
@@ -1456,11 +1467,7 @@ fn a_batch_applied_on_several_threads_gives_what_one_thread_gives() {
     use relais_core::protocol::message::BatchDoc;
     let dir = tempfile::tempdir().unwrap();
     // The office already holds one household, which the tablet then edits.
-    let (office, tab, _) = provisioned(dir.path(), false);
-    let edited = tab.register(new_household("SOC-01", "Edited")).unwrap();
-    admin_link(&tab, &office, (0, 0)).run();
-    assert!(office.household(edited).is_ok());
-    from_menaka(&tab, edited);
+    let (office, tab, edited) = edited_on_the_tablet(dir.path(), "Edited");
     let fresh: Vec<_> = (0..8)
         .map(|i| {
             tab.register(new_household("SOC-01", &format!("New {i}")))
@@ -2019,11 +2026,7 @@ fn a_rescoped_token_lists_everything_again_page_by_page_and_scans_in_bounded_ste
 #[test]
 fn a_household_whose_stored_record_is_damaged_is_unavailable_and_the_rest_of_the_push_is_taken() {
     let dir = tempfile::tempdir().unwrap();
-    let (office, tab, _) = provisioned(dir.path(), false);
-    let damaged = tab.register(new_household("SOC-01", "Damaged")).unwrap();
-    admin_link(&tab, &office, (0, 0)).run();
-    assert!(office.household(damaged).is_ok());
-    from_menaka(&tab, damaged);
+    let (office, tab, damaged) = edited_on_the_tablet(dir.path(), "Damaged");
     // Its metadata record in the office's file is damaged (a bad sector, a bad copy).
     {
         let table: redb::TableDefinition<[u8; 16], &[u8]> = redb::TableDefinition::new("docs");

@@ -275,6 +275,8 @@ fn run(
     link: Option<Arc<Link>>,
     mut rx: mpsc::Receiver<Queued>,
 ) {
+    // The commit's overlap applies on all threads but the commit's (`commit_applying`).
+    let overlap_threads = cfg.workers.saturating_sub(1).max(1);
     let mut hub = Hub::new(cfg, store.clone());
     let mut upstream: Option<UpstreamConn> = None;
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
@@ -395,7 +397,8 @@ fn run(
             let states = hub.take_sync_states();
             let seqs = {
                 let commit = || store.commit_with_states(&step.writes, &step.audit, &states);
-                let (seqs, round) = commit_applying(&mut hub, &mut rx, &mut next, commit);
+                let (seqs, round) =
+                    commit_applying(&mut hub, &mut rx, &mut next, overlap_threads, commit);
                 applied = round;
                 seqs
             };
@@ -535,7 +538,8 @@ fn run(
     tracing::debug!("engine stopped");
 }
 
-/// Commits a round (`commit`, on a thread of its own) while the engine takes the inputs
+/// Commits a round (`commit`, on a thread of its own; it keeps a core busy, so the applying
+/// takes `threads`, the others) while the engine takes the inputs
 /// already waiting into `next` and applies the documents new to the hub that their leading
 /// frames bring ([`Hub::plan_ahead`]): the commit is mostly the file's, and this is work
 /// the next round would otherwise do with the other core idle. The applying stops at the
@@ -546,6 +550,7 @@ fn commit_applying<T: Send>(
     hub: &mut Hub<Arc<Store>>,
     rx: &mut mpsc::Receiver<Queued>,
     next: &mut Vec<Queued>,
+    threads: usize,
     commit: impl FnOnce() -> T + Send,
 ) -> (T, Option<AppliedRound>) {
     while next.len() < MAX_BATCH {
@@ -565,8 +570,6 @@ fn commit_applying<T: Send>(
         return (commit(), None);
     }
     let plan = hub.plan_ahead(&lead);
-    // The commit keeps one core busy while it runs: the applying takes the others.
-    let threads = hub.config().workers.saturating_sub(1).max(1);
     let committed = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let committing = scope.spawn(|| {

@@ -740,11 +740,6 @@ impl<S: HubStore> Hub<S> {
         &self.store
     }
 
-    /// What the hub was made with.
-    pub fn config(&self) -> &HubConfig {
-        &self.cfg
-    }
-
     /// Counters.
     pub fn stats(&self) -> HubStats {
         HubStats {

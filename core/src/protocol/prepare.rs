@@ -163,15 +163,49 @@ pub(crate) fn prepare_all(jobs: Vec<Job<'_>>, workers: usize) -> Vec<Prepared> {
     })
 }
 
+/// A round's jobs, frame after frame, for threads to take one at a time in order.
+struct Queue {
+    jobs: Vec<Mutex<Option<Job<'static>>>>,
+    next: AtomicUsize,
+    /// Where each frame's jobs end in `jobs`.
+    ends: Vec<usize>,
+}
+
+impl Queue {
+    fn new(frames: Vec<Vec<Job<'static>>>) -> Queue {
+        let mut ends = Vec::with_capacity(frames.len());
+        let mut jobs = Vec::new();
+        for f in frames {
+            jobs.extend(f.into_iter().map(|j| Mutex::new(Some(j))));
+            ends.push(jobs.len());
+        }
+        Queue {
+            jobs,
+            next: AtomicUsize::new(0),
+            ends,
+        }
+    }
+
+    /// The next job not started and its place, or `None` once all are; the job is `None`
+    /// where another thread had it already.
+    fn claim(&self) -> Option<(usize, Option<Job<'static>>)> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        let slot = self.jobs.get(k)?;
+        Some((k, slot.lock().ok().and_then(|mut j| j.take())))
+    }
+
+    /// The frame job `k` belongs to.
+    fn frame_of(&self, k: usize) -> usize {
+        self.ends.partition_point(|&end| end <= k)
+    }
+}
+
 /// The documents of a round's frames, applied ahead while the hub handles the frames in
 /// order: see [`ahead`].
 pub(crate) struct Ahead<'a> {
-    jobs: &'a [Mutex<Option<Job<'static>>>],
-    next: &'a AtomicUsize,
+    queue: &'a Queue,
     done: mpsc::Receiver<(usize, Option<Prepared>)>,
     slots: Vec<Option<Prepared>>,
-    /// Where each frame's jobs end in `jobs`.
-    ends: Vec<usize>,
     /// Jobs whose results have arrived (in `slots`) or that can no longer arrive.
     settled: Vec<bool>,
 }
@@ -181,16 +215,16 @@ impl Ahead<'_> {
     /// thread meanwhile) if need be. Empty for a frame without jobs; a job whose applying
     /// panicked is missing, to be applied in order as any other document.
     pub(crate) fn take(&mut self, frame: usize) -> Vec<Prepared> {
-        let Some(&end) = self.ends.get(frame) else {
+        let ends = &self.queue.ends;
+        let Some(&end) = ends.get(frame) else {
             return Vec::new();
         };
-        let start = if frame == 0 { 0 } else { self.ends[frame - 1] };
+        let start = if frame == 0 { 0 } else { ends[frame - 1] };
         while (start..end).any(|k| !self.settled[k]) {
             // Claim the next job not started: this frame's, or a later one while a helper
             // finishes one of this frame's.
-            let k = self.next.fetch_add(1, Ordering::Relaxed);
-            if let Some(slot) = self.jobs.get(k) {
-                if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
+            if let Some((k, job)) = self.queue.claim() {
+                if let Some(job) = job {
                     self.slots[k] = prepare(job);
                 }
                 self.settled[k] = true;
@@ -223,31 +257,20 @@ pub(crate) fn apply_until(
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Vec<Vec<Prepared>> {
     let n_frames = frames.len();
-    let jobs: Vec<(usize, Mutex<Option<Job<'static>>>)> = frames
-        .into_iter()
-        .enumerate()
-        .flat_map(|(f, jobs)| jobs.into_iter().map(move |j| (f, Mutex::new(Some(j)))))
-        .collect();
-    let next = AtomicUsize::new(0);
+    let queue = Queue::new(frames);
     let work = || {
         let mut done = Vec::new();
         while !stop() {
-            let k = next.fetch_add(1, Ordering::Relaxed);
-            let Some((f, slot)) = jobs.get(k) else { break };
-            if let Some(p) = slot
-                .lock()
-                .ok()
-                .and_then(|mut j| j.take())
-                .and_then(prepare)
-            {
-                done.push((*f, p));
+            let Some((k, job)) = queue.claim() else { break };
+            if let Some(p) = job.and_then(prepare) {
+                done.push((queue.frame_of(k), p));
             }
         }
         done
     };
     let mut by_frame: Vec<Vec<Prepared>> = (0..n_frames).map(|_| Vec::new()).collect();
     std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads.min(jobs.len()))
+        let helpers: Vec<_> = (1..threads.min(queue.jobs.len()))
             .map(|_| scope.spawn(work))
             .collect();
         let mut all = work();
@@ -274,26 +297,19 @@ pub(crate) fn ahead<R>(
     workers: usize,
     walk: impl FnOnce(&mut Ahead<'_>) -> R,
 ) -> R {
-    let mut ends = Vec::with_capacity(frames.len());
-    let mut jobs = Vec::new();
-    for f in frames {
-        jobs.extend(f.into_iter().map(|j| Mutex::new(Some(j))));
-        ends.push(jobs.len());
-    }
-    let n = jobs.len();
-    let next = AtomicUsize::new(0);
+    let queue = Queue::new(frames);
+    let n = queue.jobs.len();
     let (tx, rx) = mpsc::channel();
     std::thread::scope(|scope| {
         let mut helpers = Vec::new();
         for _ in 1..workers.min(n) {
-            let (tx, jobs, next) = (tx.clone(), &jobs, &next);
-            helpers.push(scope.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(slot) = jobs.get(k) else { break };
-                let job = slot.lock().ok().and_then(|mut j| j.take());
-                if let Some(job) = job {
-                    if tx.send((k, prepare(job))).is_err() {
-                        break;
+            let (tx, queue) = (tx.clone(), &queue);
+            helpers.push(scope.spawn(move || {
+                while let Some((k, job)) = queue.claim() {
+                    if let Some(job) = job {
+                        if tx.send((k, prepare(job))).is_err() {
+                            break;
+                        }
                     }
                 }
             }));
@@ -301,16 +317,14 @@ pub(crate) fn ahead<R>(
         // Only the helpers send: once they stop, the walk's `recv` returns.
         drop(tx);
         let mut state = Ahead {
-            jobs: &jobs,
-            next: &next,
+            queue: &queue,
             done: rx,
             slots: (0..n).map(|_| None).collect(),
-            ends,
             settled: vec![false; n],
         };
         let r = walk(&mut state);
         // Jobs of frames the walk never took are not started now.
-        next.fetch_max(n, Ordering::Relaxed);
+        queue.next.fetch_max(n, Ordering::Relaxed);
         for h in helpers {
             // Joined here, not by the scope, which would pass a helper's panic on: as in
             // `prepare_all`, what a helper held is simply applied in order.
