@@ -161,7 +161,7 @@ mod tests {
     use crate::campaign::{Campaign, Entitlement};
     use crate::document::{put_record, DocKind, RECORD};
     use crate::household::{tests::sample, Household};
-    use crate::site::{Site, SiteKind};
+    use crate::site::Site;
 
     /// Where an edit lands: the root, the record, a map in it, a list in it, or an element of
     /// a list.
@@ -326,14 +326,7 @@ mod tests {
     }
 
     fn site() -> Site {
-        Site {
-            code: "SOC-01".into(),
-            name: "Socoura".into(),
-            kind: SiteKind::OfficialSite,
-            admin1: "Mopti".into(),
-            admin2: "Mopti".into(),
-            admin3: None,
-        }
+        Site::socoura()
     }
 
     fn campaign() -> Campaign {

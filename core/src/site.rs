@@ -52,6 +52,19 @@ pub struct Site {
 }
 
 impl Site {
+    /// Socoura (SOC-01, Mopti), the site the unit tests register households at.
+    #[cfg(test)]
+    pub(crate) fn socoura() -> Site {
+        Site {
+            code: "SOC-01".into(),
+            name: "Socoura".into(),
+            kind: SiteKind::OfficialSite,
+            admin1: "Mopti".into(),
+            admin2: "Mopti".into(),
+            admin3: None,
+        }
+    }
+
     /// Checks the code and the required names.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_code(&self.code)?;

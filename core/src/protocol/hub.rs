@@ -891,6 +891,27 @@ impl<S: HubStore> Hub<S> {
         }
     }
 
+    /// Fails a connection over changes it sent that cannot be taken. They were applied to a
+    /// fork, so the document stays as it was; one this message alone brought is forgotten.
+    /// So is the sync state, which now counts those changes as shared: saved for the peer's
+    /// next session, it would start that session from changes the hub does not hold.
+    fn refuse_changes(
+        &mut self,
+        step: &mut Step,
+        conn: ConnId,
+        id: DocumentId,
+        known: bool,
+        reason: String,
+    ) {
+        if !known && self.docs.get(&id).is_some_and(|d| d.persisted.is_empty()) {
+            self.docs.remove(&id);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.syncs.remove(&id);
+        }
+        self.fail(step, conn, reason);
+    }
+
     fn fail(&mut self, step: &mut Step, conn: ConnId, reason: String) {
         step.send(
             conn,
@@ -1695,11 +1716,6 @@ impl<S: HubStore> Hub<S> {
         Some(region)
     }
 
-    fn describe(&mut self, doc: &Automerge) -> DocInfo {
-        let info = document::describe(doc, &mut |_| None);
-        self.with_regions(info)
-    }
-
     /// Fills in the regions of what [`document::describe`] read, which only the hub knows
     /// (from the site documents).
     fn with_regions(&mut self, info: DocInfo) -> DocInfo {
@@ -2036,10 +2052,7 @@ impl<S: HubStore> Hub<S> {
             }
         };
         if let Some(reason) = refused {
-            if !known && self.docs.get(&id).is_some_and(|d| d.persisted.is_empty()) {
-                self.docs.remove(&id);
-            }
-            return self.fail(step, conn, reason);
+            return self.refuse_changes(step, conn, id, known, reason);
         }
         if let Some(candidate) = candidate {
             let after = candidate.get_heads();
@@ -2074,9 +2087,9 @@ impl<S: HubStore> Hub<S> {
                     entry.queued_bytes = queued;
                 }
             } else {
-                let info = match described {
-                    Some(info) => self.with_regions(info),
-                    None => self.describe(&candidate),
+                let info = match described.map_or_else(|| prepare::describe(id, &candidate), Ok) {
+                    Ok(info) => self.with_regions(info),
+                    Err(reason) => return self.refuse_changes(step, conn, id, known, reason),
                 };
                 let old_info = self.docs[&id].info.clone();
                 // A household may move out of the writer's scope by the writer's own edit.
@@ -2994,5 +3007,114 @@ mod tests {
             "skipped writes keep their old sequence"
         );
         assert_eq!(advance_cursor(10, &[]), 10);
+    }
+
+    /// The whole of `doc` in one sync message, as a peer sends it once it knows the other
+    /// side holds nothing of it.
+    fn carrying_all(doc: &Automerge) -> Vec<u8> {
+        let mut doc = doc.clone();
+        let (mut mine, mut theirs) = (sync::State::new(), sync::State::new());
+        let mut empty = Automerge::new();
+        let first = doc
+            .generate_sync_message(&mut mine)
+            .expect("something to say");
+        empty.receive_sync_message(&mut theirs, first).unwrap();
+        let ask = empty.generate_sync_message(&mut theirs).expect("an ask");
+        doc.receive_sync_message(&mut mine, ask).unwrap();
+        let message = doc.generate_sync_message(&mut mine).expect("the changes");
+        assert!(!message.changes.is_empty());
+        message.encode()
+    }
+
+    #[test]
+    fn a_document_that_panics_when_read_back_costs_its_sender_the_connection_not_the_hub() {
+        use crate::household::{parse_members, NewHousehold};
+        use crate::ledger::{Ledger, Writer};
+        use crate::protocol::message::{DocMessage, PeerMetadata};
+        use crate::site::Site;
+        use crate::store::Store;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let tablet = Ledger::new(
+            Store::open(dir.path().join("tablet.redb")).unwrap(),
+            Writer {
+                enumerator: "enum-tab".into(),
+                device: "tab".into(),
+            },
+        )
+        .unwrap();
+        tablet.put_site(&Site::socoura()).unwrap();
+        let register = |name: &str| {
+            tablet
+                .register(NewHousehold {
+                    site: "SOC-01".into(),
+                    head_name: name.into(),
+                    members: parse_members("F:34,M:12").unwrap(),
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        let (a, b, c) = (register("A"), register("B"), register("C"));
+        let whole = |id| carrying_all(&tablet.store().load(id).unwrap().unwrap().doc);
+        let sync = |id: DocumentId, data: Vec<u8>| {
+            Message::Sync(DocMessage {
+                sender_id: "js".into(),
+                target_id: "office".into(),
+                document_id: id.to_string(),
+                data,
+            })
+            .encode()
+        };
+        let join = Message::Join {
+            sender_id: "js".into(),
+            supported_protocol_versions: vec!["1".into()],
+            peer_metadata: PeerMetadata {
+                storage_id: Some("tablet-storage".into()),
+                is_ephemeral: false,
+            },
+        }
+        .encode();
+        let bad_id = prepare::DESCRIBE_PANICS_IN_TESTS;
+        let bad = sync(bad_id, whole(a));
+        let good = sync(b, whole(b));
+
+        // One thread takes the in-order path; two apply both documents ahead first.
+        for workers in [1, 2] {
+            let path = dir.path().join(format!("office-{workers}.redb"));
+            let store = Arc::new(Store::open(path).unwrap());
+            let cfg = HubConfig {
+                workers,
+                ..HubConfig::default()
+            };
+            let mut hub = Hub::new(cfg, store.clone());
+            for conn in [1, 2] {
+                hub.connect(conn, Identity::admin(format!("tab-{conn}")));
+                assert!(hub.receive(conn, &join).closes.is_empty());
+            }
+            let step = hub.receive_all(&[(1, bad.as_slice()), (2, good.as_slice())]);
+            store.write(&step.writes).unwrap();
+            assert_eq!(step.closes.len(), 1, "{workers} workers: {:?}", step.closes);
+            let (conn, reason) = &step.closes[0];
+            assert_eq!(*conn, 1);
+            assert!(reason.contains("panicked"), "{reason}");
+            assert!(store.load(bad_id).unwrap().is_none());
+            assert!(step.writes.iter().all(|w| w.id != bad_id));
+            assert!(
+                hub.take_sync_states()
+                    .iter()
+                    .all(|(_, id, _)| *id != bad_id),
+                "the refused changes' sync state is not kept for the next session"
+            );
+            let heads = |id| store.load(id).unwrap().map(|s| s.doc.get_heads());
+            let tablet_heads = |id| tablet.store().load(id).unwrap().map(|s| s.doc.get_heads());
+            assert_eq!(heads(b), tablet_heads(b), "{workers} workers");
+
+            // The hub goes on for every other connection.
+            let step = hub.receive(2, &sync(c, whole(c)));
+            store.write(&step.writes).unwrap();
+            assert!(step.closes.is_empty(), "{:?}", step.closes);
+            assert_eq!(heads(c), tablet_heads(c));
+        }
     }
 }

@@ -99,6 +99,24 @@ pub(crate) fn apply_message(
     }
 }
 
+/// Describes a document that changes just made (see [`document::describe`]), or says why
+/// not if reading it panics: content automerge accepted but cannot read back must cost the
+/// peer that sent it its connection, not the hub its thread (and with it every device's sync).
+pub(crate) fn describe(id: DocumentId, doc: &Automerge) -> Result<DocInfo, String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        #[cfg(test)]
+        if id == DESCRIBE_PANICS_IN_TESTS {
+            panic!("a test's panic while describing");
+        }
+        document::describe(doc, &mut |_| None)
+    }))
+    .map_err(|_| format!("document {id}: reading it back after its changes panicked"))
+}
+
+/// A document whose describing panics in a test, on either path (ahead or in order).
+#[cfg(test)]
+pub(crate) const DESCRIBE_PANICS_IN_TESTS: DocumentId = DocumentId::from_bytes([0xED; 16]);
+
 /// A document whose applying panics in a test (see `tests`): the panic must cost no other
 /// document its result, whichever thread meets it.
 #[cfg(test)]
@@ -118,9 +136,14 @@ fn prepare_one(job: Job<'_>) -> Prepared {
     let mut candidate = job.base.map(Automerge::fork).unwrap_or_default();
     let before = candidate.get_heads();
     let mut state = job.state.clone();
-    let refused = apply_message(&mut candidate, &mut state, job.message, job.id);
-    let info = (refused.is_none() && candidate.get_heads() != before)
-        .then(|| document::describe(&candidate, &mut |_| None));
+    let mut refused = apply_message(&mut candidate, &mut state, job.message, job.id);
+    let mut info = None;
+    if refused.is_none() && candidate.get_heads() != before {
+        match describe(job.id, &candidate) {
+            Ok(i) => info = Some(i),
+            Err(reason) => refused = Some(reason),
+        }
+    }
     Prepared {
         id: job.id,
         before,
