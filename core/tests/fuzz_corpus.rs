@@ -6,8 +6,12 @@ use std::path::PathBuf;
 
 use automerge::sync::SyncDoc;
 use proptest::prelude::*;
-use relais_core::protocol::fuzzing::{decode_message, hub_session};
-use relais_core::protocol::message::{BatchDoc, DocMessage, Message, PeerMetadata};
+use relais_core::protocol::fuzzing::{
+    decode_message, hub_session, outbound_session, OUTBOUND_DOCS,
+};
+use relais_core::protocol::message::{
+    BatchDoc, DocMessage, FeedDoc, Message, PeerMetadata, Refusal,
+};
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -24,34 +28,38 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-#[test]
-fn decode_message_corpus() {
-    let inputs = corpus("decode_message");
-    assert!(inputs.len() >= 10, "the seed corpus is committed");
+/// Runs `target`'s entry point on each input of its committed corpus, which holds at least
+/// `seeds` (the seed corpus).
+fn replay(target: &str, seeds: usize, run: fn(&[u8])) {
+    let inputs = corpus(target);
+    assert!(inputs.len() >= seeds, "the seed corpus is committed");
     for (path, bytes) in inputs {
         eprintln!("{}", path.display());
-        decode_message(&bytes);
+        run(&bytes);
     }
+}
+
+#[test]
+fn decode_message_corpus() {
+    replay("decode_message", 10, decode_message);
 }
 
 #[test]
 fn hub_session_corpus() {
-    let inputs = corpus("hub_session");
-    assert!(inputs.len() >= 5, "the seed corpus is committed");
-    for (path, bytes) in inputs {
-        eprintln!("{}", path.display());
-        hub_session(&bytes);
-    }
+    replay("hub_session", 5, hub_session);
 }
 
-/// Valid frames a session might contain.
-fn valid_frames() -> Vec<Vec<u8>> {
-    let id = relais_core::DocumentId::random().to_string();
+#[test]
+fn outbound_session_corpus() {
+    replay("outbound_session", 5, outbound_session);
+}
+
+/// An empty sync message, and one carrying the whole of a one-change household document.
+fn sync_messages() -> (Vec<u8>, Vec<u8>) {
     let empty = automerge::Automerge::new()
         .generate_sync_message(&mut automerge::sync::State::new())
         .unwrap()
         .encode();
-    let empty_request = empty.clone();
     let mut doc = automerge::Automerge::new();
     doc.transact::<_, _, automerge::AutomergeError>(|tx| {
         use automerge::transaction::Transactable;
@@ -65,6 +73,103 @@ fn valid_frames() -> Vec<Vec<u8>> {
     st.their_need = Some(Vec::new());
     st.their_have = Some(vec![automerge::sync::Have::default()]);
     let full = doc.generate_sync_message(&mut st).unwrap().encode();
+    (empty, full)
+}
+
+/// Valid frames a server might send to a tablet: the handshake, a listing that names the
+/// tablet's own documents and a new one, purges, refusals, and the documents themselves.
+fn valid_server_frames() -> Vec<Vec<u8>> {
+    let new = relais_core::DocumentId::from_bytes([9; 16]);
+    let own = OUTBOUND_DOCS.map(|d| d.to_string());
+    let (empty, full) = sync_messages();
+    let dm = |id: String, data: Vec<u8>| DocMessage {
+        sender_id: "office".into(),
+        target_id: "relais-tablet".into(),
+        document_id: id,
+        data,
+    };
+    vec![
+        Message::Peer {
+            sender_id: "office".into(),
+            target_id: "relais-tablet".into(),
+            selected_protocol_version: "relais-1".into(),
+            peer_metadata: PeerMetadata {
+                storage_id: Some("office-storage".into()),
+                is_ephemeral: false,
+            },
+        }
+        .encode(),
+        Message::Changes {
+            sender_id: "office".into(),
+            target_id: "relais-tablet".into(),
+            docs: vec![
+                FeedDoc {
+                    document_id: new.to_string(),
+                    heads: vec![vec![7; 32]],
+                },
+                FeedDoc {
+                    document_id: own[0].clone(),
+                    heads: Vec::new(),
+                },
+            ],
+            cursor: 3,
+            more: false,
+            purge: vec![own[1].clone()],
+            erased: Vec::new(),
+            refused: vec![Refusal {
+                document_id: own[0].clone(),
+                reason: "out of scope".into(),
+            }],
+        }
+        .encode(),
+        Message::SyncBatch {
+            sender_id: "office".into(),
+            target_id: "relais-tablet".into(),
+            docs: vec![
+                BatchDoc {
+                    document_id: new,
+                    data: full.clone(),
+                    request: false,
+                },
+                BatchDoc {
+                    document_id: OUTBOUND_DOCS[0],
+                    data: empty.clone(),
+                    request: false,
+                },
+            ],
+        }
+        .encode(),
+        Message::Sync(dm(own[0].clone(), empty)).encode(),
+        Message::Sync(dm(own[1].clone(), full)).encode(),
+        Message::DocUnavailable {
+            sender_id: "office".into(),
+            target_id: "relais-tablet".into(),
+            document_id: own[1].clone(),
+        }
+        .encode(),
+        Message::Changes {
+            sender_id: "office".into(),
+            target_id: "relais-tablet".into(),
+            docs: Vec::new(),
+            cursor: 4,
+            more: false,
+            purge: vec![new.to_string()],
+            erased: vec![new.to_string()],
+            refused: Vec::new(),
+        }
+        .encode(),
+        Message::Error {
+            message: "server storage error; retry later".into(),
+        }
+        .encode(),
+    ]
+}
+
+/// Valid frames a session might contain.
+fn valid_frames() -> Vec<Vec<u8>> {
+    let id = relais_core::DocumentId::random().to_string();
+    let (empty, full) = sync_messages();
+    let empty_request = empty.clone();
     let dm = |data: Vec<u8>| DocMessage {
         sender_id: "p".into(),
         target_id: "s".into(),
@@ -134,6 +239,29 @@ fn session(frames: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
+/// The frames `picks` chooses, with bytes flipped and one frame cut short.
+fn damaged(
+    frames: &[Vec<u8>],
+    picks: &[usize],
+    flips: &[(usize, u8)],
+    cut: Option<usize>,
+) -> Vec<Vec<u8>> {
+    let mut chosen: Vec<Vec<u8>> = picks.iter().map(|i| frames[*i].clone()).collect();
+    for &(at, byte) in flips {
+        let f = at % chosen.len();
+        if !chosen[f].is_empty() {
+            let i = at % chosen[f].len();
+            chosen[f][i] ^= byte;
+        }
+    }
+    if let Some(c) = cut {
+        let f = c % chosen.len();
+        let keep = c % (chosen[f].len() + 1);
+        chosen[f].truncate(keep);
+    }
+    chosen
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
@@ -141,6 +269,18 @@ proptest! {
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         decode_message(&bytes);
         hub_session(&bytes);
+        outbound_session(&bytes);
+    }
+
+    #[test]
+    fn damaged_valid_server_sessions_never_panic(
+        picks in proptest::collection::vec(0usize..8, 1..12),
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<usize>()),
+    ) {
+        let mut frames = vec![valid_server_frames()[0].clone()];
+        frames.extend(damaged(&valid_server_frames(), &picks, &flips, cut));
+        outbound_session(&session(&frames));
     }
 
     #[test]
@@ -149,20 +289,7 @@ proptest! {
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<usize>()),
     ) {
-        let frames = valid_frames();
-        let mut chosen: Vec<Vec<u8>> = picks.iter().map(|i| frames[*i].clone()).collect();
-        for (at, byte) in flips {
-            let f = at % chosen.len();
-            if !chosen[f].is_empty() {
-                let i = at % chosen[f].len();
-                chosen[f][i] ^= byte;
-            }
-        }
-        if let Some(c) = cut {
-            let f = c % chosen.len();
-            let keep = c % (chosen[f].len() + 1);
-            chosen[f].truncate(keep);
-        }
+        let chosen = damaged(&valid_frames(), &picks, &flips, cut);
         for f in &chosen {
             decode_message(f);
         }
@@ -208,6 +335,22 @@ fn write_seed_corpus() {
     std::fs::write(
         hs.join("twice"),
         session(&[frames.clone(), frames.clone()].concat()),
+    )
+    .unwrap();
+    let os = root.join("outbound_session");
+    std::fs::create_dir_all(&os).unwrap();
+    let server = valid_server_frames();
+    std::fs::write(os.join("all"), session(&server)).unwrap();
+    std::fs::write(os.join("handshake-listing"), session(&server[..2])).unwrap();
+    std::fs::write(os.join("no-handshake"), session(&server[1..4])).unwrap();
+    std::fs::write(
+        os.join("error-then-again"),
+        session(&[&server[..3], &server[7..], &server[..7]].concat()),
+    )
+    .unwrap();
+    std::fs::write(
+        os.join("purged-then-sent"),
+        session(&[server[0].clone(), server[6].clone(), server[2].clone()]),
     )
     .unwrap();
 }

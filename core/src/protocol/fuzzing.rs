@@ -9,10 +9,11 @@ use std::sync::Mutex;
 
 use automerge::ChangeHash;
 
-use super::hub::{Hub, HubConfig, HubStore};
+use super::hub::{Event, Hub, HubConfig, HubStore};
 use super::message::Message;
 use crate::access::{Identity, Role, Scope};
-use crate::store::{DocWrite, FeedEntry, StoreError, StoredDoc};
+use crate::document;
+use crate::store::{DocWrite, FeedEntry, StoreError, StoredBytes, StoredDoc};
 use crate::DocumentId;
 
 /// Decodes one frame; a decoded message must encode and decode to itself.
@@ -28,6 +29,8 @@ pub fn decode_message(data: &[u8]) {
 #[derive(Default)]
 pub struct MemStore {
     docs: Mutex<HashMap<DocumentId, (Vec<u8>, crate::store::DocMeta)>>,
+    /// The feed's last sequence: each write takes the next one, as in the real store.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl MemStore {
@@ -42,7 +45,7 @@ impl MemStore {
             if doc.load_incremental(&w.data).is_err() {
                 continue;
             }
-            let seq = docs.len() as u64 + 1;
+            let seq = 1 + self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let meta = crate::store::DocMeta {
                 info: w.info.clone(),
                 heads: doc.get_heads().iter().map(|h| h.to_string()).collect(),
@@ -87,7 +90,17 @@ impl HubStore for MemStore {
         Ok(docs.get(&id).map(|(_, m)| m.change_hashes()))
     }
     fn last_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.docs.lock().expect("not poisoned").len() as u64)
+        Ok(self.seq.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    fn stored_bytes(&self, id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        let docs = self.docs.lock().expect("not poisoned");
+        Ok(docs
+            .get(&id)
+            .filter(|(_, m)| !m.gone && !m.info.erased)
+            .map(|(bytes, m)| StoredBytes {
+                heads: m.change_hashes(),
+                bytes: bytes.clone(),
+            }))
     }
 }
 
@@ -112,14 +125,8 @@ pub fn hub_session(data: &[u8]) {
     };
     hub.connect(1, tab);
     hub.connect(2, viewer);
-    let mut rest = data;
-    let mut turn = 0u64;
-    while rest.len() >= 2 {
-        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]])).min(rest.len() - 2);
-        let frame = &rest[2..2 + len];
-        rest = &rest[2 + len..];
+    for (turn, frame) in (0u64..).zip(frames(data)) {
         let conn = 1 + turn % 2;
-        turn += 1;
         let step = hub.receive(conn, frame);
         store.write(&step.writes);
         for (closed, _) in step.closes {
@@ -127,6 +134,106 @@ pub fn hub_session(data: &[u8]) {
         }
         hub.evict();
     }
+}
+
+/// The frames of a fuzzed session: each prefixed by a 2-byte big-endian length (the last
+/// one cut short where the input ends).
+fn frames(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.len() < 2 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        let frame = &rest[2..2 + len];
+        rest = &rest[2 + len..];
+        Some(frame)
+    })
+}
+
+/// The documents an [`outbound_session`] starts with in its store, not yet pushed: a
+/// household and a document of no known kind.
+pub const OUTBOUND_DOCS: [DocumentId; 2] = [
+    DocumentId::from_bytes([1; 16]),
+    DocumentId::from_bytes([2; 16]),
+];
+
+/// How many times an [`outbound_session`] opens its connection again after a close.
+const OUTBOUND_RECONNECTS: u64 = 3;
+
+/// Feeds a session of frames from a server to a hub's outbound connection, as a tablet or
+/// a sub-office meets them; `data` is split as in [`hub_session`]. The store starts with
+/// [`OUTBOUND_DOCS`], so the first push goes out from their stored bytes. A closed
+/// connection is opened again, from the cursors of the last `Synced`, a few times: a
+/// hostile reply must not stop the next session either.
+pub fn outbound_session(data: &[u8]) {
+    let store = MemStore::default();
+    store.write(&outbound_docs());
+    let cfg = HubConfig {
+        peer_id: "relais-tablet".into(),
+        workers: 1,
+        ..HubConfig::default()
+    };
+    let mut hub = Hub::new(cfg, &store);
+    let upstream = || Identity::admin("upstream");
+    let mut conn = 1;
+    let mut cursors = (0, 0, None);
+    store.write(&hub.connect_outbound(conn, upstream(), 0, 0, None).writes);
+    for frame in frames(data) {
+        let step = hub.receive(conn, frame);
+        store.write(&step.writes);
+        for event in step.events {
+            if let Event::Synced {
+                remote_cursor,
+                local_cursor,
+                peer,
+                ..
+            } = event
+            {
+                cursors = (remote_cursor, local_cursor, Some(peer));
+            }
+        }
+        if step.closes.iter().any(|(c, _)| *c == conn) {
+            hub.disconnect(conn);
+            if conn > OUTBOUND_RECONNECTS {
+                return;
+            }
+            conn += 1;
+            let (remote, local, peer) = cursors.clone();
+            store.write(
+                &hub.connect_outbound(conn, upstream(), remote, local, peer)
+                    .writes,
+            );
+        }
+        hub.evict();
+    }
+}
+
+fn outbound_docs() -> Vec<DocWrite> {
+    use automerge::transaction::Transactable;
+    let contents: [&[(&str, &str)]; 2] = [
+        &[
+            ("kind", "household"),
+            ("site", "SOC-01"),
+            ("head_name", "x"),
+        ],
+        &[("note", "not a record")],
+    ];
+    OUTBOUND_DOCS
+        .iter()
+        .zip(contents)
+        .map(|(id, fields)| {
+            let mut doc = automerge::Automerge::new();
+            let mut tx = doc.transaction();
+            for (k, v) in fields {
+                tx.put(automerge::ROOT, *k, *v)
+                    .expect("a fresh map takes a key");
+            }
+            tx.commit();
+            let info = document::describe(&doc, &mut |_| None);
+            DocWrite::from_doc(*id, info, &doc, Vec::new())
+        })
+        .collect()
 }
 
 impl HubStore for &MemStore {
@@ -141,5 +248,8 @@ impl HubStore for &MemStore {
     }
     fn last_seq(&self) -> Result<u64, StoreError> {
         (**self).last_seq()
+    }
+    fn stored_bytes(&self, id: DocumentId) -> Result<Option<StoredBytes>, StoreError> {
+        (**self).stored_bytes(id)
     }
 }
