@@ -1,6 +1,6 @@
 //! More hostile input against the real server while a good tablet keeps syncing: hundreds
-//! of connections that never join, a flood of requests for random ids, and a peer that
-//! claims another device's peer id.
+//! of connections that never join, a flood of requests for random ids, a peer that claims
+//! another device's peer id, and sync messages whose bloom filters automerge chokes on.
 
 use std::time::Duration;
 
@@ -148,5 +148,69 @@ async fn a_peer_claiming_another_devices_peer_id_gets_only_its_own_scope() {
         .unwrap();
     let s = real.sync(&server.url(), &mopti).await.unwrap();
     assert_eq!(s.documents_sent, 1);
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloom_filter_that_would_crash_automerge_costs_only_its_own_connection() {
+    use automerge::sync::{BloomFilter, SyncDoc};
+    use relais_core::protocol::message::DocMessage;
+    let (dir, data, token) = seeded_data_dir();
+    let server = Server::start(&data, &[]);
+    let good = replica(dir.path(), "good");
+    good.sync(&server.url(), &token).await.unwrap();
+    let h = good
+        .ledger()
+        .register(household("SOC-01", "Held on the server"))
+        .unwrap();
+    good.sync(&server.url(), &token).await.unwrap();
+    // Filters a stock peer could send: entries but no bits (automerge 0.12 divides by
+    // zero when it replies), and four billion probes per hash.
+    for bloom in [
+        &[1u8, 0, 7][..],
+        &[1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0x03],
+    ] {
+        let mut doc = automerge::Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "offline", 1)?;
+            Ok(())
+        })
+        .unwrap();
+        let mut message = doc
+            .generate_sync_message(&mut automerge::sync::State::new())
+            .unwrap();
+        message.have[0].bloom = BloomFilter::try_from(bloom).unwrap();
+        let frame = Message::Sync(DocMessage {
+            sender_id: "hostile".into(),
+            target_id: "server".into(),
+            document_id: h.to_string(),
+            data: message.encode(),
+        });
+        let mut hostile = ws_joined(&server.url(), &token, "hostile").await;
+        hostile
+            .send(Ws::Binary(frame.encode().into()))
+            .await
+            .unwrap();
+        let reason = loop {
+            match tokio::time::timeout(Duration::from_secs(20), hostile.next()).await {
+                Ok(Some(Ok(Ws::Binary(b)))) => {
+                    if let Ok(Message::Error { message }) = Message::decode(&b) {
+                        break message;
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no error for the hostile peer: {other:?}"),
+            }
+        };
+        assert!(reason.contains("bloom filter"), "{reason}");
+        // The server goes on: the good tablet's next registration still arrives.
+        good.ledger()
+            .register(household("SOC-01", "Registered after"))
+            .unwrap();
+        let s = good.sync(&server.url(), &token).await.unwrap();
+        assert_eq!(s.documents_sent, 1);
+    }
+    assert_eq!(http(server.addr, "GET", "/healthz", None, None).0, 200);
     assert!(server.stop().success());
 }

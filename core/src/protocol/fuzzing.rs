@@ -105,9 +105,12 @@ impl HubStore for MemStore {
 }
 
 /// Feeds a session of frames to a hub: `data` is split into frames, each prefixed by a
-/// 2-byte big-endian length, sent alternately by a scoped enumerator and a viewer.
+/// 2-byte big-endian length, sent alternately by a scoped enumerator and a viewer, to a
+/// store holding [`OUTBOUND_DOCS`].
 pub fn hub_session(data: &[u8]) {
     let store = MemStore::default();
+    // Documents to answer about: a hub holding nothing never reads a peer's bloom filter.
+    store.write(&outbound_docs());
     let mut hub = Hub::new(HubConfig::default(), &store);
     let tab = Identity {
         device: "tab".into(),
@@ -151,8 +154,8 @@ fn frames(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The documents an [`outbound_session`] starts with in its store, not yet pushed: a
-/// household and a document of no known kind.
+/// The documents a fuzzed session's store starts with (not yet pushed, in an
+/// [`outbound_session`]): a household at SOC-01 and a document of no known kind.
 pub const OUTBOUND_DOCS: [DocumentId; 2] = [
     DocumentId::from_bytes([1; 16]),
     DocumentId::from_bytes([2; 16]),

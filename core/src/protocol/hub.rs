@@ -1065,7 +1065,7 @@ impl<S: HubStore> Hub<S> {
             if budget.0 == 0 || budget.1 < data.len() {
                 return (jobs, true);
             }
-            let Ok(message) = sync::Message::decode(data) else {
+            let Ok(message) = prepare::decode_sync(data) else {
                 continue;
             };
             if message.changes.is_empty() {
@@ -1804,7 +1804,7 @@ impl<S: HubStore> Hub<S> {
             if count[&id] > 1 {
                 continue;
             }
-            let Ok(message) = sync::Message::decode(&d.data) else {
+            let Ok(message) = prepare::decode_sync(&d.data) else {
                 continue;
             };
             if message.changes.is_empty() || self.ensure_loaded(id).is_err() {
@@ -1909,13 +1909,13 @@ impl<S: HubStore> Hub<S> {
         let Ok(id) = m.document_id.parse::<DocumentId>() else {
             return self.unavailable(conn, m.document_id, step);
         };
-        let sync_msg = match sync::Message::decode(&m.data) {
+        let sync_msg = match prepare::decode_sync(&m.data) {
             Ok(s) => s,
             Err(e) => {
                 return self.fail(
                     step,
                     conn,
-                    format!("document {id}: undecodable automerge sync message: {e}"),
+                    format!("document {id}: unacceptable automerge sync message: {e}"),
                 )
             }
         };

@@ -58,6 +58,49 @@ pub(crate) struct Prepared {
     pub info: Option<DocInfo>,
 }
 
+/// The most probes per hash a peer's bloom filter may ask for. Automerge and its JS
+/// binding use 7; each probe is work for every change the reply considers.
+const MAX_BLOOM_PROBES: u32 = 32;
+
+/// Decodes a peer's automerge sync message, refusing one whose bloom filters automerge
+/// would choke on when it next replies: entries but no bits (a division by zero, a panic
+/// in 0.12) or an absurd number of probes (a vector of that many is allocated and filled
+/// for each hash checked: minutes of CPU, or an abort no `catch_unwind` survives).
+pub(crate) fn decode_sync(data: &[u8]) -> Result<sync::Message, String> {
+    let message = sync::Message::decode(data).map_err(|e| e.to_string())?;
+    for have in &message.have {
+        let bytes = have.bloom.to_bytes();
+        let mut rest = bytes.as_slice();
+        if rest.is_empty() {
+            continue;
+        }
+        let mut field = || leb128_u32(&mut rest).ok_or("a bloom filter with a bad header");
+        let (entries, bits_per_entry, probes) = (field()?, field()?, field()?);
+        if entries > 0 && bits_per_entry == 0 {
+            return Err("a bloom filter with entries but no bits".into());
+        }
+        if probes > MAX_BLOOM_PROBES {
+            return Err(format!(
+                "a bloom filter of {probes} probes per hash (at most {MAX_BLOOM_PROBES})"
+            ));
+        }
+    }
+    Ok(message)
+}
+
+/// Reads an unsigned LEB128 number that fits in 32 bits from the front of `bytes`.
+fn leb128_u32(bytes: &mut &[u8]) -> Option<u32> {
+    let mut value: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(5) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return u32::try_from(value).ok();
+        }
+    }
+    None
+}
+
 /// Applies a sync message to a document, as the hub does: `Some(reason)` when automerge
 /// refuses it or panics on it (a malformed change must cost the peer its connection, not
 /// the server its thread).
@@ -377,6 +420,42 @@ mod tests {
         let message = doc.generate_sync_message(&mut mine).unwrap();
         assert!(!message.changes.is_empty());
         (message, doc.get_heads())
+    }
+
+    /// A message from a peer holding one change, encoded, with `bloom` (header and bits, as
+    /// on the wire) as its filter.
+    fn with_bloom(bloom: &[u8]) -> Vec<u8> {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "k", 1).unwrap();
+        tx.commit();
+        let mut message = doc.generate_sync_message(&mut sync::State::new()).unwrap();
+        message.have[0].bloom = sync::BloomFilter::try_from(bloom).unwrap();
+        message.encode()
+    }
+
+    #[test]
+    fn bloom_filters_automerge_would_choke_on_are_refused() {
+        // A sound filter of one entry: 10 bits per entry, 7 probes, two bytes of bits.
+        let sound = with_bloom(&[1, 10, 7, 0xff, 0x03]);
+        assert_eq!(decode_sync(&sound).unwrap().have.len(), 1);
+        // Entries but no bits: automerge 0.12 divides by zero when it replies.
+        let no_bits = with_bloom(&[1, 0, 7]);
+        let e = decode_sync(&no_bits).unwrap_err();
+        assert!(e.contains("no bits"), "{e}");
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "mine", 1).unwrap();
+        tx.commit();
+        let mut state = sync::State::new();
+        let taken = sync::Message::decode(&no_bits).unwrap();
+        doc.receive_sync_message(&mut state, taken).unwrap();
+        let replying = catch_unwind(AssertUnwindSafe(|| doc.generate_sync_message(&mut state)));
+        assert!(replying.is_err(), "the panic this check keeps out");
+        // Four billion probes, allocated before the first.
+        let probes = with_bloom(&[1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0x03]);
+        let e = decode_sync(&probes).unwrap_err();
+        assert!(e.contains("4294967295 probes"), "{e}");
     }
 
     fn job(key: &str, n: u8) -> (Job<'static>, Vec<ChangeHash>) {
