@@ -79,8 +79,16 @@ fn admin(app: &App, addr: SocketAddr, headers: &HeaderMap) -> Result<Identity, A
     }
 }
 
-/// `GET /healthz`: 200 while the store answers.
+/// `GET /healthz`: 200 while the store answers and the sync engine runs.
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if !app.engine.is_running() {
+        tracing::error!("health check failed: the sync engine has stopped");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "sync engine stopped" })),
+        )
+            .into_response();
+    }
     match app.store.len() {
         Ok(n) => (
             StatusCode::OK,

@@ -115,6 +115,9 @@ pub enum Input {
         /// Reply channel.
         reply: oneshot::Sender<HubStats>,
     },
+    /// Panics in the round that handles it: what a bug would do (see the tests).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Handle to the engine thread.
@@ -177,6 +180,11 @@ impl Engine {
             })
             .await
             .is_ok()
+    }
+
+    /// False once the engine thread has stopped: nothing syncs any more.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     /// Counters from the hub.
@@ -277,7 +285,7 @@ fn run(
 ) {
     // The commit's overlap applies on all threads but the commit's (`commit_applying`).
     let overlap_threads = cfg.workers.saturating_sub(1).max(1);
-    let mut hub = Hub::new(cfg, store.clone());
+    let mut hub = Hub::new(cfg.clone(), store.clone());
     let mut upstream: Option<UpstreamConn> = None;
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -300,240 +308,273 @@ fn run(
                 Err(_) => break,
             }
         }
-        let mut step = Step::default();
-        let mut arrivals = Vec::new();
-        if let Some(round) = applied.take() {
-            // The first frames of the batch, planned and applied during the last commit.
-            let planned: Vec<Queued> = batch.drain(..round.len()).collect();
-            arrivals.extend(planned.iter().filter_map(|q| match &q.input {
-                Input::Frame { at, .. } => Some(*at),
-                _ => None,
-            }));
-            step.absorb(hub.receive_applied(round));
-            drop(planned);
-        }
-        // Frames in a row are handed to the hub together, which applies their documents on
-        // several threads while it handles them in order (`Hub::receive_all`). Each frame's
-        // share of the queued bytes is given back once it has been handled.
-        let mut frames: Pending = Vec::new();
-        for queued in batch.drain(..) {
-            let Queued { input, _bytes } = queued;
-            if let Input::Frame { conn, bytes, at } = input {
-                frames.push((conn, bytes, _bytes));
-                arrivals.push(at);
-                continue;
+        // A panic anywhere in a round (a bug, or input automerge chokes on that no check
+        // caught) must not stop sync for every device while the process looks healthy.
+        let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut step = Step::default();
+            let mut arrivals = Vec::new();
+            if let Some(round) = applied.take() {
+                // The first frames of the batch, planned and applied during the last commit.
+                let planned: Vec<Queued> = batch.drain(..round.len()).collect();
+                arrivals.extend(planned.iter().filter_map(|q| match &q.input {
+                    Input::Frame { at, .. } => Some(*at),
+                    _ => None,
+                }));
+                step.absorb(hub.receive_applied(round));
+                drop(planned);
             }
-            // Whatever came before this input is handled before it.
-            flush_frames(&mut hub, &mut step, &mut frames);
-            match input {
-                Input::Connect {
-                    conn,
-                    identity,
-                    outbox,
-                    queued,
-                    kill,
-                } => {
-                    outboxes.insert(
-                        conn,
-                        Outbox {
-                            tx: outbox,
-                            device: identity.device.clone(),
-                            queued,
-                            kill: Some(kill),
-                        },
-                    );
-                    hub.connect(conn, identity);
-                }
-                Input::ConnectUpstream {
-                    conn,
-                    url,
-                    outbox,
-                    queued,
-                } => {
-                    outboxes.insert(
-                        conn,
-                        Outbox {
-                            tx: outbox,
-                            device: "upstream".into(),
-                            queued,
-                            kill: None,
-                        },
-                    );
-                    let c = upstream::load_cursors(&store, &url);
-                    let remote = Identity::admin("upstream");
-                    step.absorb(hub.connect_outbound(conn, remote, c.remote, c.local, c.peer));
-                    upstream = Some(UpstreamConn { conn, url });
-                }
-                Input::Frame { .. } => unreachable!("frames are gathered above"),
-                Input::Disconnect { conn } => {
-                    hub.disconnect(conn);
-                    outboxes.remove(&conn);
-                    if upstream.as_ref().is_some_and(|u| u.conn == conn) {
-                        upstream = None;
-                    }
-                }
-                Input::Reload { id } => step.absorb(hub.reload(id)),
-                Input::CloseDevice { device, reason } => {
-                    for conn in hub.connections_of(&device) {
-                        step.closes.push((conn, reason.clone()));
-                        hub.disconnect(conn);
-                    }
-                }
-                Input::Erase { id, by, reply } => {
-                    let _ = reply.send(erase(&store, &mut hub, &mut step, id, &by));
-                }
-                Input::Stats { reply } => {
-                    let _ = reply.send(hub.stats());
-                }
-            }
-        }
-        flush_frames(&mut hub, &mut step, &mut frames);
-        // Feed sequences of this round's writes that the upstream already holds (documents
-        // it sent, now identical on both sides, and the purges it asked for).
-        let mut confirmed_upstream = Vec::new();
-        if !step.writes.is_empty() || !step.audit.is_empty() {
-            // Sync states this round produced so far (peers that left, documents the upstream
-            // confirmed) ride in the same transaction: one flush instead of two.
-            let states = hub.take_sync_states();
-            let seqs = {
-                let commit = || store.commit_with_states(&step.writes, &step.audit, &states);
-                let (seqs, round) =
-                    commit_applying(&mut hub, &mut rx, &mut next, overlap_threads, commit);
-                applied = round;
-                seqs
-            };
-            if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
-                confirmed_upstream = seqs
-                    .iter()
-                    .zip(&step.writes)
-                    .filter(|(_, w)| hub.confirmed_by(u.conn, w.id))
-                    .map(|(s, _)| *s)
-                    .collect();
-            }
-            if let Err(e) = seqs {
-                // Nothing of this round was acknowledged: forget it, drop everyone, and let
-                // clients resync from what is durable.
-                tracing::error!(error = %e, "commit failed; closing all connections");
-                // The store reopens its file by itself at the next write (redb refuses every
-                // transaction after an I/O error until then), so writes resume once they fit.
-                hub.reset();
-                for (conn, o) in outboxes.drain() {
-                    let _ = o.tx.try_send(Outgoing::Close(
-                        close_code::INTERNAL,
-                        "server storage error; retry later".into(),
-                    ));
-                    hub.disconnect(conn);
-                }
-                continue;
-            }
-            metrics.changes_merged.inc_by(step.merges);
-        }
-        // After the commit: what the upstream said is now durable here. The cursors it
-        // moves are written once, below, with what this round confirmed.
-        let mut synced: Option<upstream::Cursors> = None;
-        for event in std::mem::take(&mut step.events) {
-            match event {
-                Event::Synced {
-                    conn,
-                    remote_cursor,
-                    local_cursor,
-                    peer,
-                } if upstream.as_ref().is_some_and(|u| u.conn == conn) => {
-                    synced = Some(upstream::Cursors {
-                        peer: Some(peer),
-                        remote: remote_cursor,
-                        local: local_cursor,
-                        at_ms: Some(relais_core::audit::now_ms()),
-                    });
-                }
-                Event::Purge { id, erased, .. } => {
-                    let (s, seq) = purge_from_upstream(&store, &mut hub, id, erased);
-                    step.sends.extend(s.sends);
-                    // The tombstone or `gone` record is the upstream's doing: nothing to
-                    // push back to it.
-                    confirmed_upstream.extend(seq);
-                }
-                Event::Refused { id, reason, .. } => {
-                    // Offered again on the next session; the upstream token needs the role
-                    // or scope to take it.
-                    tracing::warn!(document = %id, %reason, "the upstream refused a change from this server");
-                    metrics.upstream_refused.inc();
-                }
-                _ => {}
-            }
-        }
-        if let Some(u) = &upstream {
-            save_upstream_cursors(&store, &u.url, synced, &confirmed_upstream);
-        }
-        if let (Some(l), Some(u)) = (&link, &upstream) {
-            l.set_awaiting(hub.awaiting(u.conn));
-        }
-        let mut overflowed = Vec::new();
-        for (conn, frame) in step.sends {
-            if let Some(o) = outboxes.get(&conn) {
-                let len = frame.len();
-                let queued = o.queued.load(Ordering::Relaxed);
-                if queued + len > send_buffer_bytes && queued > 0 {
-                    overflowed.push(conn);
+            // Frames in a row are handed to the hub together, which applies their documents on
+            // several threads while it handles them in order (`Hub::receive_all`). Each frame's
+            // share of the queued bytes is given back once it has been handled.
+            let mut frames: Pending = Vec::new();
+            for queued in batch.drain(..) {
+                let Queued { input, _bytes } = queued;
+                if let Input::Frame { conn, bytes, at } = input {
+                    frames.push((conn, bytes, _bytes));
+                    arrivals.push(at);
                     continue;
                 }
-                o.queued.fetch_add(len, Ordering::Relaxed);
-                if o.tx.try_send(Outgoing::Frame(frame)).is_err() {
-                    overflowed.push(conn);
-                } else {
-                    metrics.bytes_out.inc_by(len as u64);
+                // Whatever came before this input is handled before it.
+                flush_frames(&mut hub, &mut step, &mut frames);
+                match input {
+                    Input::Connect {
+                        conn,
+                        identity,
+                        outbox,
+                        queued,
+                        kill,
+                    } => {
+                        outboxes.insert(
+                            conn,
+                            Outbox {
+                                tx: outbox,
+                                device: identity.device.clone(),
+                                queued,
+                                kill: Some(kill),
+                            },
+                        );
+                        hub.connect(conn, identity);
+                    }
+                    Input::ConnectUpstream {
+                        conn,
+                        url,
+                        outbox,
+                        queued,
+                    } => {
+                        outboxes.insert(
+                            conn,
+                            Outbox {
+                                tx: outbox,
+                                device: "upstream".into(),
+                                queued,
+                                kill: None,
+                            },
+                        );
+                        let c = upstream::load_cursors(&store, &url);
+                        let remote = Identity::admin("upstream");
+                        step.absorb(hub.connect_outbound(conn, remote, c.remote, c.local, c.peer));
+                        upstream = Some(UpstreamConn { conn, url });
+                    }
+                    Input::Frame { .. } => unreachable!("frames are gathered above"),
+                    Input::Disconnect { conn } => {
+                        hub.disconnect(conn);
+                        outboxes.remove(&conn);
+                        if upstream.as_ref().is_some_and(|u| u.conn == conn) {
+                            upstream = None;
+                        }
+                    }
+                    Input::Reload { id } => step.absorb(hub.reload(id)),
+                    Input::CloseDevice { device, reason } => {
+                        for conn in hub.connections_of(&device) {
+                            step.closes.push((conn, reason.clone()));
+                            hub.disconnect(conn);
+                        }
+                    }
+                    Input::Erase { id, by, reply } => {
+                        let _ = reply.send(erase(&store, &mut hub, &mut step, id, &by));
+                    }
+                    Input::Stats { reply } => {
+                        let _ = reply.send(hub.stats());
+                    }
+                    #[cfg(test)]
+                    Input::Panic => panic!("a test's panic in the engine"),
                 }
             }
-        }
-        for (conn, reason) in step.closes {
-            if let Some(Outbox {
-                tx, device, kill, ..
-            }) = outboxes.remove(&conn)
-            {
-                tracing::warn!(device = %device, conn, reason = %reason, "closing connection");
-                metrics.connections_dropped.inc();
-                let code = if reason.contains("revoked") {
-                    close_code::POLICY
-                } else {
-                    close_code::PROTOCOL
+            flush_frames(&mut hub, &mut step, &mut frames);
+            // Feed sequences of this round's writes that the upstream already holds (documents
+            // it sent, now identical on both sides, and the purges it asked for).
+            let mut confirmed_upstream = Vec::new();
+            if !step.writes.is_empty() || !step.audit.is_empty() {
+                // Sync states this round produced so far (peers that left, documents the upstream
+                // confirmed) ride in the same transaction: one flush instead of two.
+                let states = hub.take_sync_states();
+                let seqs = {
+                    let commit = || store.commit_with_states(&step.writes, &step.audit, &states);
+                    let (seqs, round) =
+                        commit_applying(&mut hub, &mut rx, &mut next, overlap_threads, commit);
+                    applied = round;
+                    seqs
                 };
-                let _ = tx.try_send(Outgoing::Close(code, reason));
-                // Closed at once, even behind frames a peer does not read: the connection
-                // gives its writer a moment for the close frame, then drops the socket.
-                if let Some(k) = kill {
+                if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
+                    confirmed_upstream = seqs
+                        .iter()
+                        .zip(&step.writes)
+                        .filter(|(_, w)| hub.confirmed_by(u.conn, w.id))
+                        .map(|(s, _)| *s)
+                        .collect();
+                }
+                if let Err(e) = seqs {
+                    // Nothing of this round was acknowledged: forget it, drop everyone, and let
+                    // clients resync from what is durable.
+                    tracing::error!(error = %e, "commit failed; closing all connections");
+                    // The store reopens its file by itself at the next write (redb refuses every
+                    // transaction after an I/O error until then), so writes resume once they fit.
+                    hub.reset();
+                    // What the overlap applied started from documents the reset just forgot, for
+                    // connections about to close: the next round handles those frames afresh
+                    // (and drops them, their connections gone).
+                    applied = None;
+                    for (conn, o) in outboxes.drain() {
+                        let _ = o.tx.try_send(Outgoing::Close(
+                            close_code::INTERNAL,
+                            "server storage error; retry later".into(),
+                        ));
+                        hub.disconnect(conn);
+                    }
+                    return;
+                }
+                metrics.changes_merged.inc_by(step.merges);
+            }
+            // After the commit: what the upstream said is now durable here. The cursors it
+            // moves are written once, below, with what this round confirmed.
+            let mut synced: Option<upstream::Cursors> = None;
+            for event in std::mem::take(&mut step.events) {
+                match event {
+                    Event::Synced {
+                        conn,
+                        remote_cursor,
+                        local_cursor,
+                        peer,
+                    } if upstream.as_ref().is_some_and(|u| u.conn == conn) => {
+                        synced = Some(upstream::Cursors {
+                            peer: Some(peer),
+                            remote: remote_cursor,
+                            local: local_cursor,
+                            at_ms: Some(relais_core::audit::now_ms()),
+                        });
+                    }
+                    Event::Purge { id, erased, .. } => {
+                        let (s, seq) = purge_from_upstream(&store, &mut hub, id, erased);
+                        step.sends.extend(s.sends);
+                        // The tombstone or `gone` record is the upstream's doing: nothing to
+                        // push back to it.
+                        confirmed_upstream.extend(seq);
+                    }
+                    Event::Refused { id, reason, .. } => {
+                        // Offered again on the next session; the upstream token needs the role
+                        // or scope to take it.
+                        tracing::warn!(document = %id, %reason, "the upstream refused a change from this server");
+                        metrics.upstream_refused.inc();
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(u) = &upstream {
+                save_upstream_cursors(&store, &u.url, synced, &confirmed_upstream);
+            }
+            if let (Some(l), Some(u)) = (&link, &upstream) {
+                l.set_awaiting(hub.awaiting(u.conn));
+            }
+            let mut overflowed = Vec::new();
+            for (conn, frame) in step.sends {
+                if let Some(o) = outboxes.get(&conn) {
+                    let len = frame.len();
+                    let queued = o.queued.load(Ordering::Relaxed);
+                    if queued + len > send_buffer_bytes && queued > 0 {
+                        overflowed.push(conn);
+                        continue;
+                    }
+                    o.queued.fetch_add(len, Ordering::Relaxed);
+                    if o.tx.try_send(Outgoing::Frame(frame)).is_err() {
+                        overflowed.push(conn);
+                    } else {
+                        metrics.bytes_out.inc_by(len as u64);
+                    }
+                }
+            }
+            for (conn, reason) in step.closes {
+                if let Some(Outbox {
+                    tx, device, kill, ..
+                }) = outboxes.remove(&conn)
+                {
+                    tracing::warn!(device = %device, conn, reason = %reason, "closing connection");
+                    metrics.connections_dropped.inc();
+                    let code = if reason.contains("revoked") {
+                        close_code::POLICY
+                    } else {
+                        close_code::PROTOCOL
+                    };
+                    let _ = tx.try_send(Outgoing::Close(code, reason));
+                    // Closed at once, even behind frames a peer does not read: the connection
+                    // gives its writer a moment for the close frame, then drops the socket.
+                    if let Some(k) = kill {
+                        k.notify_one();
+                    }
+                }
+            }
+            overflowed.sort_unstable();
+            overflowed.dedup();
+            for conn in overflowed {
+                // A reader that does not drain must not hold memory or slow the others: its
+                // connection task stops its writer (stuck on the full socket) and closes it.
+                if let Some(Outbox { device, kill, .. }) = outboxes.remove(&conn) {
+                    if let Some(k) = kill {
+                        k.notify_one();
+                    }
+                    tracing::warn!(device = %device, conn, "send queue full; dropping slow connection");
+                    metrics.connections_dropped.inc();
+                    hub.disconnect(conn);
+                }
+            }
+            hub.evict();
+            // What is left: states of a round that wrote nothing, and of documents evicted or
+            // connections dropped after the commit.
+            let states = hub.take_sync_states();
+            if let Err(e) = store.put_sync_states(&states) {
+                // Only a cost: the peer's next session starts its exchange from scratch.
+                tracing::warn!(error = %e, "could not save sync states");
+            }
+            let now = Instant::now();
+            for at in arrivals {
+                metrics
+                    .sync_latency
+                    .observe(now.duration_since(at).as_secs_f64());
+            }
+            metrics.loaded_documents.set(hub.loaded_docs() as i64);
+        }));
+        if let Err(panic) = round {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "the sync engine panicked; closing all connections and starting again from the store");
+            metrics.engine_panics.inc();
+            // The hub may be half way through anything: only the store is trusted.
+            hub = Hub::new(cfg.clone(), store.clone());
+            batch.clear();
+            applied = None;
+            upstream = None;
+            for (_, o) in outboxes.drain() {
+                let _ = o.tx.try_send(Outgoing::Close(
+                    close_code::INTERNAL,
+                    "server error; retry later".into(),
+                ));
+                if let Some(k) = o.kill {
                     k.notify_one();
                 }
             }
         }
-        overflowed.sort_unstable();
-        overflowed.dedup();
-        for conn in overflowed {
-            // A reader that does not drain must not hold memory or slow the others: its
-            // connection task stops its writer (stuck on the full socket) and closes it.
-            if let Some(Outbox { device, kill, .. }) = outboxes.remove(&conn) {
-                if let Some(k) = kill {
-                    k.notify_one();
-                }
-                tracing::warn!(device = %device, conn, "send queue full; dropping slow connection");
-                metrics.connections_dropped.inc();
-                hub.disconnect(conn);
-            }
-        }
-        hub.evict();
-        // What is left: states of a round that wrote nothing, and of documents evicted or
-        // connections dropped after the commit.
-        let states = hub.take_sync_states();
-        if let Err(e) = store.put_sync_states(&states) {
-            // Only a cost: the peer's next session starts its exchange from scratch.
-            tracing::warn!(error = %e, "could not save sync states");
-        }
-        let now = Instant::now();
-        for at in arrivals {
-            metrics
-                .sync_latency
-                .observe(now.duration_since(at).as_secs_f64());
-        }
-        metrics.loaded_documents.set(hub.loaded_docs() as i64);
     }
     tracing::debug!("engine stopped");
 }
@@ -619,5 +660,83 @@ fn save_upstream_cursors(
             )
         }
         Ok(()) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relais_core::protocol::message::{Message, PeerMetadata};
+    use std::time::Duration;
+
+    /// A device's connection to the engine: its outbox, as the WebSocket task holds it.
+    async fn connect(engine: &Engine, conn: ConnId) -> mpsc::Receiver<Outgoing> {
+        let (outbox, rx) = mpsc::channel(64);
+        let connect = Input::Connect {
+            conn,
+            identity: Identity::admin(format!("tab-{conn}")),
+            outbox,
+            queued: Arc::new(AtomicUsize::new(0)),
+            kill: Arc::new(tokio::sync::Notify::new()),
+        };
+        assert!(engine.send(connect).await);
+        rx
+    }
+
+    async fn join(engine: &Engine, conn: ConnId) {
+        let join = Message::Join {
+            sender_id: format!("tab-{conn}"),
+            supported_protocol_versions: vec!["1".into()],
+            peer_metadata: PeerMetadata::default(),
+        };
+        let frame = Input::Frame {
+            conn,
+            bytes: join.encode(),
+            at: Instant::now(),
+        };
+        assert!(engine.send(frame).await);
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Outgoing>) -> Outgoing {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("an answer in time")
+            .expect("the outbox is open")
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_round_closes_the_connections_and_the_engine_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("relais.redb")).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (engine, thread) =
+            Engine::start(store, HubConfig::default(), 1 << 20, metrics.clone(), None);
+        let mut before = connect(&engine, 1).await;
+        join(&engine, 1).await;
+        assert!(matches!(next(&mut before).await, Outgoing::Frame(_)));
+
+        assert!(engine.send(Input::Panic).await);
+        match next(&mut before).await {
+            Outgoing::Close(code, reason) => {
+                assert_eq!(code, close_code::INTERNAL);
+                assert!(reason.contains("retry later"), "{reason}");
+            }
+            other => panic!("expected a close, got {other:?}"),
+        }
+        assert_eq!(metrics.engine_panics.get(), 1);
+
+        // The engine still answers, and a device that connects again syncs.
+        assert!(engine.is_running());
+        assert!(engine.stats().await.is_some());
+        let mut after = connect(&engine, 2).await;
+        join(&engine, 2).await;
+        match next(&mut after).await {
+            Outgoing::Frame(f) => {
+                assert!(matches!(Message::decode(&f), Ok(Message::Peer { .. })))
+            }
+            other => panic!("expected the peer reply, got {other:?}"),
+        }
+        drop(engine);
+        thread.join().expect("the engine thread ends cleanly");
     }
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Times the upstream refused this server's changes to a document (its token lacks the
     /// role or scope); they stay pending and are offered again.
     pub upstream_refused: Counter,
+    /// Rounds on which the sync engine panicked, and started again from the store.
+    pub engine_panics: Counter,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,7 @@ impl Default for Metrics {
             upstream_last_full_sync: Gauge::default(),
             upstream_pending_documents: Gauge::default(),
             upstream_refused: Counter::default(),
+            engine_panics: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +107,11 @@ impl Default for Metrics {
             "upstream_refused",
             "Documents whose changes from this server the upstream refused",
             m.upstream_refused.clone(),
+        );
+        registry.register(
+            "engine_panics",
+            "Rounds on which the sync engine panicked and started again from the store",
+            m.engine_panics.clone(),
         );
         Metrics { registry, ..m }
     }
