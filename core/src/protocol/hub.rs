@@ -2352,8 +2352,24 @@ impl<S: HubStore> Hub<S> {
         let entry = &self.docs[&id];
         let c = self.conns.get_mut(&conn).expect("checked");
         let state = c.syncs.get_mut(&id).expect("ensured");
-        let Some(msg) = entry.doc.generate_sync_message(state) else {
-            return false;
+        // The state holds what this peer said (its bloom filters, its needs): if automerge
+        // still chokes on it, the peer loses its connection, not every device the hub.
+        let generated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if id == prepare::REPLY_PANICS_IN_TESTS {
+                panic!("a test's panic while replying");
+            }
+            entry.doc.generate_sync_message(state)
+        }));
+        let msg = match generated {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return false,
+            Err(_) => {
+                c.syncs.remove(&id);
+                let reason = format!("document {id}: automerge panicked while replying");
+                self.fail(step, conn, reason);
+                return false;
+            }
         };
         // Once per session and document: a record per message would add a durable write to
         // every relay round.
@@ -3027,7 +3043,7 @@ mod tests {
     }
 
     #[test]
-    fn a_document_that_panics_when_read_back_costs_its_sender_the_connection_not_the_hub() {
+    fn a_document_automerge_panics_on_costs_its_sender_the_connection_not_the_hub() {
         use crate::household::{parse_members, NewHousehold};
         use crate::ledger::{Ledger, Writer};
         use crate::protocol::message::{DocMessage, PeerMetadata};
@@ -3056,6 +3072,7 @@ mod tests {
                 .unwrap()
         };
         let (a, b, c) = (register("A"), register("B"), register("C"));
+        let (d, e) = (register("D"), register("E"));
         let whole = |id| carrying_all(&tablet.store().load(id).unwrap().unwrap().doc);
         let sync = |id: DocumentId, data: Vec<u8>| {
             Message::Sync(DocMessage {
@@ -3115,6 +3132,19 @@ mod tests {
             store.write(&step.writes).unwrap();
             assert!(step.closes.is_empty(), "{:?}", step.closes);
             assert_eq!(heads(c), tablet_heads(c));
+
+            // A reply automerge panics on costs that peer its connection, and only it.
+            hub.connect(3, Identity::admin("tab-3"));
+            assert!(hub.receive(3, &join).closes.is_empty());
+            let step = hub.receive(3, &sync(prepare::REPLY_PANICS_IN_TESTS, whole(d)));
+            store.write(&step.writes).unwrap();
+            assert_eq!(step.closes.len(), 1, "{:?}", step.closes);
+            assert_eq!(step.closes[0].0, 3);
+            assert!(step.closes[0].1.contains("replying"), "{:?}", step.closes);
+            let step = hub.receive(2, &sync(e, whole(e)));
+            store.write(&step.writes).unwrap();
+            assert!(step.closes.is_empty(), "{:?}", step.closes);
+            assert_eq!(heads(e), tablet_heads(e));
         }
     }
 }

@@ -160,6 +160,10 @@ pub(crate) fn describe(id: DocumentId, doc: &Automerge) -> Result<DocInfo, Strin
 #[cfg(test)]
 pub(crate) const DESCRIBE_PANICS_IN_TESTS: DocumentId = DocumentId::from_bytes([0xED; 16]);
 
+/// A document whose replies panic in a test (see `Hub::reply`).
+#[cfg(test)]
+pub(crate) const REPLY_PANICS_IN_TESTS: DocumentId = DocumentId::from_bytes([0xEC; 16]);
+
 /// A document whose applying panics in a test (see `tests`): the panic must cost no other
 /// document its result, whichever thread meets it.
 #[cfg(test)]
