@@ -906,6 +906,12 @@ impl<S: HubStore> Hub<S> {
         if !known && self.docs.get(&id).is_some_and(|d| d.persisted.is_empty()) {
             self.docs.remove(&id);
         }
+        self.fail_over(step, conn, id, reason);
+    }
+
+    /// Fails a connection over one document, dropping its sync state there first so that
+    /// nothing of the failed exchange is saved for the peer's next session.
+    fn fail_over(&mut self, step: &mut Step, conn: ConnId, id: DocumentId, reason: String) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.syncs.remove(&id);
         }
@@ -2365,9 +2371,8 @@ impl<S: HubStore> Hub<S> {
             Ok(Some(msg)) => msg,
             Ok(None) => return false,
             Err(_) => {
-                c.syncs.remove(&id);
                 let reason = format!("document {id}: automerge panicked while replying");
-                self.fail(step, conn, reason);
+                self.fail_over(step, conn, id, reason);
                 return false;
             }
         };
