@@ -474,3 +474,47 @@ pub async fn upstream(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(v).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Engine;
+    use crate::metrics::Metrics;
+    use relais_core::protocol::hub::HubConfig;
+    use relais_core::store::Store;
+
+    async fn health(app: &Arc<App>) -> (StatusCode, serde_json::Value) {
+        let resp = healthz(State(app.clone())).await;
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_health_check_fails_once_the_sync_engine_has_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("relais.redb")).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (engine, thread) = Engine::start(
+            store.clone(),
+            HubConfig::default(),
+            1 << 20,
+            metrics.clone(),
+            None,
+        );
+        let app = Arc::new(App::for_tests(store, engine, metrics));
+        let (status, body) = health(&app).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "ok");
+
+        assert!(app.engine.send(Input::Die).await);
+        assert!(thread.join().is_err(), "the engine thread panicked");
+        // The store still answers, but nothing syncs: a supervisor must see it.
+        assert!(app.store.len().is_ok());
+        let (status, body) = health(&app).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["status"], "sync engine stopped");
+    }
+}

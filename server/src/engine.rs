@@ -118,6 +118,27 @@ pub enum Input {
     /// Panics in the round that handles it: what a bug would do (see the tests).
     #[cfg(test)]
     Panic,
+    /// Stops the engine thread with a panic outside the rounds' guard: a thread that died
+    /// some other way than in a round.
+    #[cfg(test)]
+    Die,
+    /// Holds the engine in the round that takes it, after telling `held`, until `release`
+    /// sends or goes: the inputs sent meanwhile wait in the queue, as behind a slow round.
+    #[cfg(test)]
+    Hold {
+        /// Told once the engine holds.
+        held: oneshot::Sender<()>,
+        /// Ends the hold.
+        release: std::sync::mpsc::Receiver<()>,
+    },
+    /// Fails the next commit, as a full disk would, once the overlap has had a moment to
+    /// apply what waits (`commit_applying`); `overlapped` then gets how many documents it
+    /// had applied.
+    #[cfg(test)]
+    FailNextCommit {
+        /// Documents the overlap had applied when the commit failed.
+        overlapped: Arc<AtomicUsize>,
+    },
 }
 
 /// Handle to the engine thread.
@@ -293,6 +314,8 @@ fn run(
     // frames brought, applied meanwhile (see `commit_applying`).
     let mut next: Vec<Queued> = Vec::new();
     let mut applied: Option<AppliedRound> = None;
+    #[cfg(test)]
+    let mut fail_next_commit: Option<Arc<AtomicUsize>> = None;
     loop {
         if next.is_empty() {
             match rx.blocking_recv() {
@@ -307,6 +330,10 @@ fn run(
                 Ok(i) => batch.push(i),
                 Err(_) => break,
             }
+        }
+        #[cfg(test)]
+        if batch.iter().any(|q| matches!(q.input, Input::Die)) {
+            panic!("a test's engine thread dies");
         }
         // A panic anywhere in a round (a bug, or input automerge chokes on that no check
         // caught) must not stop sync for every device while the process looks healthy.
@@ -398,6 +425,15 @@ fn run(
                     }
                     #[cfg(test)]
                     Input::Panic => panic!("a test's panic in the engine"),
+                    #[cfg(test)]
+                    Input::Die => unreachable!("the thread died before the round"),
+                    #[cfg(test)]
+                    Input::Hold { held, release } => {
+                        let _ = held.send(());
+                        let _ = release.recv();
+                    }
+                    #[cfg(test)]
+                    Input::FailNextCommit { overlapped } => fail_next_commit = Some(overlapped),
                 }
             }
             flush_frames(&mut hub, &mut step, &mut frames);
@@ -408,13 +444,27 @@ fn run(
                 // Sync states this round produced so far (peers that left, documents the upstream
                 // confirmed) ride in the same transaction: one flush instead of two.
                 let states = hub.take_sync_states();
+                #[cfg(test)]
+                let failing = fail_next_commit.take();
                 let seqs = {
-                    let commit = || store.commit_with_states(&step.writes, &step.audit, &states);
+                    let commit = || {
+                        #[cfg(test)]
+                        if failing.is_some() {
+                            std::thread::sleep(std::time::Duration::from_millis(300));
+                            return Err(relais_core::store::StoreError::Closed);
+                        }
+                        store.commit_with_states(&step.writes, &step.audit, &states)
+                    };
                     let (seqs, round) =
                         commit_applying(&mut hub, &mut rx, &mut next, overlap_threads, commit);
                     applied = round;
                     seqs
                 };
+                #[cfg(test)]
+                if let Some(overlapped) = &failing {
+                    let n = applied.as_ref().map_or(0, AppliedRound::applied_docs);
+                    overlapped.store(n, Ordering::Release);
+                }
                 if let (Ok(seqs), Some(u)) = (&seqs, &upstream) {
                     confirmed_upstream = seqs
                         .iter()
@@ -666,7 +716,11 @@ fn save_upstream_cursors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relais_core::protocol::message::{Message, PeerMetadata};
+    use relais_core::household::{parse_members, NewHousehold};
+    use relais_core::ledger::{Ledger, Writer};
+    use relais_core::protocol::message::{DocMessage, Message, PeerMetadata};
+    use relais_core::site::{Site, SiteKind};
+    use relais_core::store::StoredBytes;
     use std::time::Duration;
 
     /// A device's connection to the engine: its outbox, as the WebSocket task holds it.
@@ -738,5 +792,162 @@ mod tests {
         }
         drop(engine);
         thread.join().expect("the engine thread ends cleanly");
+    }
+    /// A tablet's store with `n` households registered at one site.
+    fn tablet_with_households(dir: &std::path::Path, n: usize) -> (Ledger, Vec<DocumentId>) {
+        let tablet = Ledger::new(
+            Store::open(dir.join("tablet.redb")).unwrap(),
+            Writer {
+                enumerator: "enum-tab".into(),
+                device: "tab".into(),
+            },
+        )
+        .unwrap();
+        tablet
+            .put_site(&Site {
+                code: "SOC-01".into(),
+                name: "Socoura".into(),
+                kind: SiteKind::OfficialSite,
+                admin1: "Mopti".into(),
+                admin2: "Mopti".into(),
+                admin3: None,
+            })
+            .unwrap();
+        let ids = (0..n)
+            .map(|i| {
+                tablet
+                    .register(NewHousehold {
+                        site: "SOC-01".into(),
+                        head_name: format!("Household {i}"),
+                        members: parse_members("F:34,M:12").unwrap(),
+                        ..Default::default()
+                    })
+                    .unwrap()
+            })
+            .collect();
+        (tablet, ids)
+    }
+
+    /// A connection's frame pushing a household whole, as a tablet's first push does: its
+    /// stored bytes in one sync message.
+    fn push(tablet: &Ledger, conn: ConnId, id: DocumentId) -> Input {
+        let StoredBytes { heads, bytes } = tablet.store().stored_bytes(id).unwrap().unwrap();
+        let msg = automerge::sync::Message {
+            heads,
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: automerge::sync::ChunkList::from(bytes),
+            flags: None,
+            version: automerge::sync::MessageVersion::V2,
+        };
+        let frame = Message::Sync(DocMessage {
+            sender_id: format!("tab-{conn}"),
+            target_id: HubConfig::default().peer_id,
+            document_id: id.to_string(),
+            data: msg.encode(),
+        });
+        Input::Frame {
+            conn,
+            bytes: frame.encode(),
+            at: Instant::now(),
+        }
+    }
+
+    fn assert_closed_for_storage(out: Outgoing) {
+        match out {
+            Outgoing::Close(code, reason) => {
+                assert_eq!(code, close_code::INTERNAL);
+                assert!(reason.contains("storage error"), "{reason}");
+            }
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_fails_while_the_next_round_is_applied_ahead_loses_nothing_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tablet, ids) = tablet_with_households(dir.path(), 3);
+        let store = Arc::new(Store::open(dir.path().join("relais.redb")).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let cfg = HubConfig {
+            workers: 2,
+            ..HubConfig::default()
+        };
+        let (engine, thread) = Engine::start(store.clone(), cfg, 1 << 20, metrics, None);
+        let mut one = connect(&engine, 1).await;
+        let mut two = connect(&engine, 2).await;
+        for conn in [1, 2] {
+            join(&engine, conn).await;
+        }
+        assert!(matches!(next(&mut one).await, Outgoing::Frame(_)));
+        assert!(matches!(next(&mut two).await, Outgoing::Frame(_)));
+
+        // While the engine is held, queue a round that writes (one household from the first
+        // tablet) and fills the batch, then a frame that only fits in the next round: it is
+        // what the overlap applies while the first round's commit fails.
+        let (held, is_held) = oneshot::channel();
+        let (release, on_release) = std::sync::mpsc::channel();
+        let hold = Input::Hold {
+            held,
+            release: on_release,
+        };
+        assert!(engine.send(hold).await);
+        is_held.await.unwrap();
+        let overlapped = Arc::new(AtomicUsize::new(usize::MAX));
+        let fail = Input::FailNextCommit {
+            overlapped: overlapped.clone(),
+        };
+        assert!(engine.send(fail).await);
+        assert!(engine.send(push(&tablet, 1, ids[0])).await);
+        for _ in 2..MAX_BATCH {
+            let (reply, _) = oneshot::channel();
+            assert!(engine.send(Input::Stats { reply }).await);
+        }
+        assert!(engine.send(push(&tablet, 2, ids[1])).await);
+        release.send(()).unwrap();
+
+        // Both tablets are told to retry; nothing of either household is in the store.
+        assert_closed_for_storage(next(&mut one).await);
+        assert_closed_for_storage(next(&mut two).await);
+        assert_eq!(
+            overlapped.load(Ordering::Acquire),
+            1,
+            "the second tablet's household was applied during the failed commit"
+        );
+        assert!(store.load(ids[0]).unwrap().is_none());
+        assert!(store.load(ids[1]).unwrap().is_none());
+
+        // The engine goes on from what is durable, not from what the failed round held in
+        // memory: a tablet that connects again pushes both households, then another, and
+        // each is stored whole (a hub that still held the first would take it as known).
+        let mut again = connect(&engine, 3).await;
+        join(&engine, 3).await;
+        assert!(matches!(next(&mut again).await, Outgoing::Frame(_)));
+        for &id in &ids {
+            assert!(engine.send(push(&tablet, 3, id)).await);
+            assert!(matches!(next(&mut again).await, Outgoing::Frame(_)));
+            let stored = store.load(id).unwrap().expect("stored after the retry");
+            let sent = tablet.store().load(id).unwrap().unwrap();
+            assert_eq!(stored.doc.get_heads(), sent.doc.get_heads());
+        }
+        drop(engine);
+        thread.join().expect("the engine thread ends cleanly");
+    }
+
+    #[tokio::test]
+    async fn an_engine_thread_that_died_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("relais.redb")).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (engine, thread) = Engine::start(store, HubConfig::default(), 1 << 20, metrics, None);
+        let mut before = connect(&engine, 1).await;
+        assert!(engine.is_running());
+        assert!(engine.send(Input::Die).await);
+        assert!(thread.join().is_err(), "the thread panicked");
+        assert!(!engine.is_running());
+        assert!(engine.stats().await.is_none());
+        // The device's outbox went with the thread: its connection ends.
+        assert!(before.recv().await.is_none());
+        assert!(!engine.send(Input::Disconnect { conn: 1 }).await);
     }
 }

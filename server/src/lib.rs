@@ -128,6 +128,35 @@ impl App {
     }
 }
 
+#[cfg(test)]
+impl App {
+    /// An app over `store` and a running `engine`, with default settings, as [`serve`]
+    /// builds it, for tests that call handlers directly.
+    pub(crate) fn for_tests(store: Arc<Store>, engine: Engine, metrics: Arc<Metrics>) -> App {
+        let ledger = Ledger::new(
+            store.clone(),
+            Writer {
+                enumerator: "admin-api".into(),
+                device: "server".into(),
+            },
+        )
+        .unwrap();
+        let devices = devices::Devices::load(&store).unwrap();
+        App {
+            store,
+            ledger,
+            engine,
+            metrics,
+            cfg: ServerConfig::default(),
+            shutdown: watch::channel(false).1,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            upstream: None,
+            devices,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()

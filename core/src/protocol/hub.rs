@@ -2918,6 +2918,12 @@ impl AppliedRound {
     pub fn is_empty(&self) -> bool {
         self.decoded.is_empty()
     }
+
+    /// Documents of the round already applied, which [`Hub::receive_applied`] will take
+    /// as they are if nothing changed since.
+    pub fn applied_docs(&self) -> usize {
+        self.done.iter().map(Vec::len).sum()
+    }
 }
 
 #[cfg(test)]
