@@ -147,6 +147,8 @@ pub struct Engine {
     tx: mpsc::Sender<Queued>,
     /// Bytes of frames waiting for the engine thread, bounded by [`QUEUED_INPUT_BYTES`].
     bytes: Arc<tokio::sync::Semaphore>,
+    /// That bound: a larger frame takes all of it.
+    bound: usize,
 }
 
 /// Bytes of received frames that may wait for the engine thread, over all connections. The
@@ -170,6 +172,25 @@ impl Engine {
         metrics: Arc<Metrics>,
         link: Option<Arc<Link>>,
     ) -> (Engine, std::thread::JoinHandle<()>) {
+        Self::start_bounded(
+            store,
+            cfg,
+            send_buffer_bytes,
+            metrics,
+            link,
+            QUEUED_INPUT_BYTES,
+        )
+    }
+
+    /// [`Engine::start`] with `queued_bytes` in place of [`QUEUED_INPUT_BYTES`].
+    fn start_bounded(
+        store: Arc<Store>,
+        cfg: HubConfig,
+        send_buffer_bytes: usize,
+        metrics: Arc<Metrics>,
+        link: Option<Arc<Link>>,
+        queued_bytes: usize,
+    ) -> (Engine, std::thread::JoinHandle<()>) {
         // Bounded: when the engine falls behind, connection readers wait, which pushes back
         // on the sockets instead of growing memory.
         let (tx, rx) = mpsc::channel(8_192);
@@ -177,8 +198,13 @@ impl Engine {
             .name("relais-engine".into())
             .spawn(move || run(store, cfg, send_buffer_bytes, metrics, link, rx))
             .expect("spawn engine thread");
-        let bytes = Arc::new(tokio::sync::Semaphore::new(QUEUED_INPUT_BYTES));
-        (Engine { tx, bytes }, handle)
+        let bytes = Arc::new(tokio::sync::Semaphore::new(queued_bytes));
+        let engine = Engine {
+            tx,
+            bytes,
+            bound: queued_bytes,
+        };
+        (engine, handle)
     }
 
     /// Sends an input; false if the engine has stopped. A frame first waits for room among
@@ -186,7 +212,7 @@ impl Engine {
     pub async fn send(&self, input: Input) -> bool {
         let bytes = match &input {
             Input::Frame { bytes, .. } => {
-                let n = bytes.len().clamp(1, QUEUED_INPUT_BYTES) as u32;
+                let n = bytes.len().clamp(1, self.bound) as u32;
                 match self.bytes.clone().acquire_many_owned(n).await {
                     Ok(p) => Some(p),
                     Err(_) => return false,
@@ -885,14 +911,7 @@ mod tests {
         // While the engine is held, queue a round that writes (one household from the first
         // tablet) and fills the batch, then a frame that only fits in the next round: it is
         // what the overlap applies while the first round's commit fails.
-        let (held, is_held) = oneshot::channel();
-        let (release, on_release) = std::sync::mpsc::channel();
-        let hold = Input::Hold {
-            held,
-            release: on_release,
-        };
-        assert!(engine.send(hold).await);
-        is_held.await.unwrap();
+        let release = hold(&engine).await;
         let overlapped = Arc::new(AtomicUsize::new(usize::MAX));
         let fail = Input::FailNextCommit {
             overlapped: overlapped.clone(),
@@ -930,6 +949,67 @@ mod tests {
             let sent = tablet.store().load(id).unwrap().unwrap();
             assert_eq!(stored.doc.get_heads(), sent.doc.get_heads());
         }
+        drop(engine);
+        thread.join().expect("the engine thread ends cleanly");
+    }
+
+    /// Holds the engine until the returned sender sends or goes.
+    async fn hold(engine: &Engine) -> std::sync::mpsc::Sender<()> {
+        let (held, is_held) = oneshot::channel();
+        let (release, on_release) = std::sync::mpsc::channel();
+        let hold = Input::Hold {
+            held,
+            release: on_release,
+        };
+        assert!(engine.send(hold).await);
+        is_held.await.unwrap();
+        release
+    }
+
+    fn frame(len: usize) -> Input {
+        Input::Frame {
+            conn: 99,
+            bytes: vec![0xA5; len],
+            at: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_wait_once_the_frames_queued_for_the_engine_reach_the_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("relais.redb")).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let bound = 1 << 20;
+        let (engine, thread) =
+            Engine::start_bounded(store, HubConfig::default(), 1 << 20, metrics, None, bound);
+        let release = hold(&engine).await;
+        // Under the bound, frames are queued at once, whatever their number.
+        assert!(engine.send(frame(600 << 10)).await);
+        for _ in 0..3 {
+            assert!(engine.send(frame(100 << 10)).await);
+        }
+        // One more would pass it: its reader waits, and so does a frame larger than the whole
+        // bound, behind it.
+        let e = engine.clone();
+        let over = tokio::spawn(async move { e.send(frame(200 << 10)).await });
+        let e = engine.clone();
+        let huge = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            e.send(frame(3 << 20)).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!over.is_finished(), "a frame past the bound waits");
+        assert!(!huge.is_finished());
+
+        // Once the engine has handled the queued frames, their bytes are free again.
+        release.send(()).unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            (over.await.unwrap(), huge.await.unwrap())
+        })
+        .await
+        .expect("the waiting readers go on once the engine drains the queue");
+        assert_eq!(waited, (true, true));
+        assert!(engine.stats().await.is_some());
         drop(engine);
         thread.join().expect("the engine thread ends cleanly");
     }
