@@ -34,11 +34,13 @@ pub struct MemStore {
 }
 
 impl MemStore {
-    /// Applies a step's writes (whole documents are re-saved: simple, and enough here).
+    /// Applies a step's writes (whole documents are re-saved: simple, and enough here). As
+    /// in the real store, nothing is written under an erased id again.
     pub fn write(&self, writes: &[DocWrite]) {
         let mut docs = self.docs.lock().expect("not poisoned");
         for w in writes {
             let mut doc = match docs.get(&w.id) {
+                Some((_, m)) if m.info.erased => continue,
                 Some((bytes, _)) => automerge::Automerge::load(bytes).unwrap_or_default(),
                 None => automerge::Automerge::new(),
             };
@@ -58,11 +60,50 @@ impl MemStore {
             docs.insert(w.id, (doc.save(), meta));
         }
     }
+
+    /// Erases a document as [`crate::store::Store::erase`] does: its bytes go, a tombstone
+    /// with a new feed sequence stays.
+    pub fn erase(&self, id: DocumentId) {
+        let mut docs = self.docs.lock().expect("not poisoned");
+        if let Some((bytes, meta)) = docs.get_mut(&id) {
+            if !meta.info.erased {
+                bytes.clear();
+                meta.heads.clear();
+                meta.info.erased = true;
+                meta.seq = 1 + self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn meta(&self, id: DocumentId) -> Option<crate::store::DocMeta> {
+        let docs = self.docs.lock().expect("not poisoned");
+        docs.get(&id).map(|(_, m)| m.clone())
+    }
+
+    /// Removes a document and its feed entry, as [`crate::store::Store::remove`] does.
+    pub fn remove(&self, id: DocumentId) {
+        self.docs.lock().expect("not poisoned").remove(&id);
+    }
+
+    /// Handles a step's purges as a tablet does (`relais-client`): a tombstone for an erased
+    /// document, nothing left of one that left the tablet's scope.
+    fn purge(&self, events: &[Event]) {
+        for event in events {
+            if let Event::Purge { id, erased, .. } = event {
+                if *erased {
+                    self.erase(*id);
+                } else {
+                    self.remove(*id);
+                }
+            }
+        }
+    }
 }
 
 impl HubStore for MemStore {
     fn load(&self, id: DocumentId) -> Result<Option<StoredDoc>, StoreError> {
         let docs = self.docs.lock().expect("not poisoned");
+        // An erased document loads as its tombstone: no changes, the metadata marked erased.
         Ok(docs.get(&id).and_then(|(bytes, meta)| {
             automerge::Automerge::load(bytes).ok().map(|doc| StoredDoc {
                 doc,
@@ -130,7 +171,16 @@ pub fn hub_session(data: &[u8]) {
     hub.connect(2, viewer);
     for (turn, frame) in (0u64..).zip(frames(data)) {
         let conn = 1 + turn % 2;
-        let step = hub.receive(conn, frame);
+        let mut step = hub.receive(conn, frame);
+        if turn + 1 == ERASE_AFTER_FRAMES {
+            let id = OUTBOUND_DOCS[0];
+            let info = store.meta(id).map(|m| m.info);
+            if let Some(info) = info.filter(|i| !i.erased) {
+                // As the engine does for `DELETE /api/v1/households/{id}`.
+                store.erase(id);
+                step.absorb(hub.purged(id, &info, true));
+            }
+        }
         store.write(&step.writes);
         for (closed, _) in step.closes {
             hub.disconnect(closed);
@@ -138,6 +188,10 @@ pub fn hub_session(data: &[u8]) {
         hub.evict();
     }
 }
+
+/// The frame of a [`hub_session`] after which an admin erases the household of
+/// [`OUTBOUND_DOCS`], so that sessions also meet a document erased while they run.
+const ERASE_AFTER_FRAMES: u64 = 4;
 
 /// The frames of a fuzzed session: each prefixed by a 2-byte big-endian length (the last
 /// one cut short where the input ends).
@@ -185,6 +239,7 @@ pub fn outbound_session(data: &[u8]) {
     for frame in frames(data) {
         let step = hub.receive(conn, frame);
         store.write(&step.writes);
+        store.purge(&step.events);
         for event in step.events {
             if let Event::Synced {
                 remote_cursor,
