@@ -819,6 +819,7 @@ mod tests {
         drop(engine);
         thread.join().expect("the engine thread ends cleanly");
     }
+
     /// A tablet's store with `n` households registered at one site.
     fn tablet_with_households(dir: &std::path::Path, n: usize) -> (Ledger, Vec<DocumentId>) {
         let tablet = Ledger::new(
