@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use automerge::sync::SyncDoc;
 use proptest::prelude::*;
 use relais_core::protocol::fuzzing::{
-    decode_message, hub_session, outbound_session, OUTBOUND_DOCS,
+    decode_message, hub_session, outbound_session, ERASE_FRAME, OUTBOUND_DOCS,
 };
 use relais_core::protocol::message::{
     BatchDoc, DocMessage, FeedDoc, Message, PeerMetadata, Refusal,
@@ -170,6 +170,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
     let id = relais_core::DocumentId::random().to_string();
     let (empty, full) = sync_messages();
     let empty_request = empty.clone();
+    let empty_again = empty.clone();
     let dm = |data: Vec<u8>| DocMessage {
         sender_id: "p".into(),
         target_id: "s".into(),
@@ -227,6 +228,13 @@ fn valid_frames() -> Vec<Vec<u8>> {
             ],
         }
         .encode(),
+        // The household the session's store holds, which an admin may erase meanwhile.
+        Message::Sync(DocMessage {
+            document_id: OUTBOUND_DOCS[0].to_string(),
+            ..dm(empty_again)
+        })
+        .encode(),
+        ERASE_FRAME.to_vec(),
     ]
 }
 
@@ -285,7 +293,7 @@ proptest! {
 
     #[test]
     fn damaged_valid_sessions_never_panic(
-        picks in proptest::collection::vec(0usize..8, 1..12),
+        picks in proptest::collection::vec(0usize..10, 1..12),
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<usize>()),
     ) {
@@ -330,6 +338,17 @@ fn write_seed_corpus() {
     std::fs::write(
         hs.join("join-batch"),
         session(&[frames[0].clone(), frames[7].clone()]),
+    )
+    .unwrap();
+    std::fs::write(
+        hs.join("erased-mid-session"),
+        session(&[
+            frames[0].clone(),
+            frames[8].clone(),
+            frames[9].clone(),
+            frames[8].clone(),
+            frames[4].clone(),
+        ]),
     )
     .unwrap();
     std::fs::write(

@@ -510,6 +510,13 @@ mod tests {
         assert_eq!(body["status"], "ok");
 
         assert!(app.engine.send(Input::Die).await);
+        for _ in 0..2_000 {
+            if thread.is_finished() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(thread.is_finished(), "the engine thread ends in time");
         assert!(thread.join().is_err(), "the engine thread panicked");
         // The store still answers, but nothing syncs: a supervisor must see it.
         assert!(app.store.len().is_ok());

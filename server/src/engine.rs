@@ -131,9 +131,8 @@ pub enum Input {
         /// Ends the hold.
         release: std::sync::mpsc::Receiver<()>,
     },
-    /// Fails the next commit, as a full disk would, once the overlap has had a moment to
-    /// apply what waits (`commit_applying`); `overlapped` then gets how many documents it
-    /// had applied.
+    /// Fails the next commit, as a full disk would, after the overlap has applied all it
+    /// planned (`commit_applying`); `overlapped` then gets how many documents that was.
     #[cfg(test)]
     FailNextCommit {
         /// Documents the overlap had applied when the commit failed.
@@ -145,7 +144,7 @@ pub enum Input {
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Queued>,
-    /// Bytes of frames waiting for the engine thread, bounded by [`QUEUED_INPUT_BYTES`].
+    /// Bytes of frames waiting for the engine thread, at most `bound`.
     bytes: Arc<tokio::sync::Semaphore>,
     /// That bound: a larger frame takes all of it.
     bound: usize,
@@ -191,6 +190,8 @@ impl Engine {
         link: Option<Arc<Link>>,
         queued_bytes: usize,
     ) -> (Engine, std::thread::JoinHandle<()>) {
+        // A frame's permits are counted in a u32, and a frame takes at least one.
+        assert!((1..=u32::MAX as usize).contains(&queued_bytes));
         // Bounded: when the engine falls behind, connection readers wait, which pushes back
         // on the sockets instead of growing memory.
         let (tx, rx) = mpsc::channel(8_192);
@@ -472,17 +473,26 @@ fn run(
                 let states = hub.take_sync_states();
                 #[cfg(test)]
                 let failing = fail_next_commit.take();
+                #[cfg(test)]
+                let apply_all = failing.is_some();
+                #[cfg(not(test))]
+                let apply_all = false;
                 let seqs = {
                     let commit = || {
                         #[cfg(test)]
                         if failing.is_some() {
-                            std::thread::sleep(std::time::Duration::from_millis(300));
                             return Err(relais_core::store::StoreError::Closed);
                         }
                         store.commit_with_states(&step.writes, &step.audit, &states)
                     };
-                    let (seqs, round) =
-                        commit_applying(&mut hub, &mut rx, &mut next, overlap_threads, commit);
+                    let (seqs, round) = commit_applying(
+                        &mut hub,
+                        &mut rx,
+                        &mut next,
+                        overlap_threads,
+                        commit,
+                        apply_all,
+                    );
                     applied = round;
                     seqs
                 };
@@ -663,12 +673,15 @@ fn run(
 /// first frame after the commit is done, so the round's replies wait for no more than one
 /// frame's documents. Nothing is decided here: the next round hands the result to
 /// [`Hub::receive_applied`], which handles the frames as [`Hub::receive_all`] would.
+/// With `apply_all` (tests only) the applying goes through the frames' documents whatever
+/// the commit does, so that a test knows what it overlapped.
 fn commit_applying<T: Send>(
     hub: &mut Hub<Arc<Store>>,
     rx: &mut mpsc::Receiver<Queued>,
     next: &mut Vec<Queued>,
     threads: usize,
     commit: impl FnOnce() -> T + Send,
+    apply_all: bool,
 ) -> (T, Option<AppliedRound>) {
     while next.len() < MAX_BATCH {
         match rx.try_recv() {
@@ -694,7 +707,7 @@ fn commit_applying<T: Send>(
             committed.store(true, Ordering::Release);
             r
         });
-        let round = plan.apply(threads, &|| committed.load(Ordering::Acquire));
+        let round = plan.apply(threads, &|| !apply_all && committed.load(Ordering::Acquire));
         match committing.join() {
             Ok(r) => (r, Some(round)),
             // The commit's own panic, as if it had run on this thread.
@@ -777,6 +790,23 @@ mod tests {
         assert!(engine.send(frame).await);
     }
 
+    /// Joins the engine thread, failing the test rather than hanging it if it does not end.
+    async fn ended(thread: std::thread::JoinHandle<()>) -> std::thread::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !thread.is_finished() {
+            assert!(Instant::now() < deadline, "the engine thread ends in time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        thread.join()
+    }
+
+    /// Sends an input, failing the test rather than hanging it if the engine does not take it.
+    async fn send(engine: &Engine, input: Input) -> bool {
+        tokio::time::timeout(Duration::from_secs(20), engine.send(input))
+            .await
+            .expect("the engine takes the input in time")
+    }
+
     async fn next(rx: &mut mpsc::Receiver<Outgoing>) -> Outgoing {
         tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
@@ -817,7 +847,7 @@ mod tests {
             other => panic!("expected the peer reply, got {other:?}"),
         }
         drop(engine);
-        thread.join().expect("the engine thread ends cleanly");
+        ended(thread).await.expect("the engine thread ends cleanly");
     }
 
     /// A tablet's store with `n` households registered at one site.
@@ -951,7 +981,7 @@ mod tests {
             assert_eq!(stored.doc.get_heads(), sent.doc.get_heads());
         }
         drop(engine);
-        thread.join().expect("the engine thread ends cleanly");
+        ended(thread).await.expect("the engine thread ends cleanly");
     }
 
     /// Holds the engine until the returned sender sends or goes.
@@ -985,9 +1015,9 @@ mod tests {
             Engine::start_bounded(store, HubConfig::default(), 1 << 20, metrics, None, bound);
         let release = hold(&engine).await;
         // Under the bound, frames are queued at once, whatever their number.
-        assert!(engine.send(frame(600 << 10)).await);
+        assert!(send(&engine, frame(600 << 10)).await);
         for _ in 0..3 {
-            assert!(engine.send(frame(100 << 10)).await);
+            assert!(send(&engine, frame(100 << 10)).await);
         }
         // One more would pass it: its reader waits, and so does a frame larger than the whole
         // bound, behind it.
@@ -1012,7 +1042,7 @@ mod tests {
         assert_eq!(waited, (true, true));
         assert!(engine.stats().await.is_some());
         drop(engine);
-        thread.join().expect("the engine thread ends cleanly");
+        ended(thread).await.expect("the engine thread ends cleanly");
     }
 
     #[tokio::test]
@@ -1024,7 +1054,7 @@ mod tests {
         let mut before = connect(&engine, 1).await;
         assert!(engine.is_running());
         assert!(engine.send(Input::Die).await);
-        assert!(thread.join().is_err(), "the thread panicked");
+        assert!(ended(thread).await.is_err(), "the thread panicked");
         assert!(!engine.is_running());
         assert!(engine.stats().await.is_none());
         // The device's outbox went with the thread: its connection ends.

@@ -142,13 +142,16 @@ impl App {
         )
         .unwrap();
         let devices = devices::Devices::load(&store).unwrap();
+        // Kept open for the test's life: a closed channel reads as "shutting down".
+        let (stop, shutdown) = watch::channel(false);
+        std::mem::forget(stop);
         App {
             store,
             ledger,
             engine,
             metrics,
             cfg: ServerConfig::default(),
-            shutdown: watch::channel(false).1,
+            shutdown,
             next_conn: Arc::new(AtomicU64::new(1)),
             upstream: None,
             devices,

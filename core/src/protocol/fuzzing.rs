@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use automerge::ChangeHash;
 
-use super::hub::{Event, Hub, HubConfig, HubStore};
+use super::hub::{Event, Hub, HubConfig, HubStore, Step};
 use super::message::Message;
 use crate::access::{Identity, Role, Scope};
 use crate::document;
@@ -171,16 +171,11 @@ pub fn hub_session(data: &[u8]) {
     hub.connect(2, viewer);
     for (turn, frame) in (0u64..).zip(frames(data)) {
         let conn = 1 + turn % 2;
-        let mut step = hub.receive(conn, frame);
-        if turn + 1 == ERASE_AFTER_FRAMES {
-            let id = OUTBOUND_DOCS[0];
-            let info = store.meta(id).map(|m| m.info);
-            if let Some(info) = info.filter(|i| !i.erased) {
-                // As the engine does for `DELETE /api/v1/households/{id}`.
-                store.erase(id);
-                step.absorb(hub.purged(id, &info, true));
-            }
-        }
+        let step = if frame == ERASE_FRAME {
+            erase_household(&store, &mut hub)
+        } else {
+            hub.receive(conn, frame)
+        };
         store.write(&step.writes);
         for (closed, _) in step.closes {
             hub.disconnect(closed);
@@ -189,9 +184,23 @@ pub fn hub_session(data: &[u8]) {
     }
 }
 
-/// The frame of a [`hub_session`] after which an admin erases the household of
-/// [`OUTBOUND_DOCS`], so that sessions also meet a document erased while they run.
-const ERASE_AFTER_FRAMES: u64 = 4;
+/// What the engine does for `DELETE /api/v1/households/{id}`, for the household of
+/// [`OUTBOUND_DOCS`].
+fn erase_household(store: &MemStore, hub: &mut Hub<&MemStore>) -> Step {
+    let id = OUTBOUND_DOCS[0];
+    match store.meta(id).map(|m| m.info) {
+        Some(info) if !info.erased => {
+            store.erase(id);
+            hub.purged(id, &info, true)
+        }
+        _ => Step::default(),
+    }
+}
+
+/// A frame of a [`hub_session`] that no peer sends: an admin erases the household of
+/// [`OUTBOUND_DOCS`] there instead, so that sessions also meet a document erased while they
+/// run (and the inputs without it mean what they meant before it existed).
+pub const ERASE_FRAME: &[u8] = b"ERASE";
 
 /// The frames of a fuzzed session: each prefixed by a 2-byte big-endian length (the last
 /// one cut short where the input ends).
