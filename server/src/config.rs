@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -21,6 +22,27 @@ pub const DEFAULT_SEND_BUFFER_BYTES: usize = 32 * 1024 * 1024;
 pub const MAX_QUEUED_FRAMES: usize = 65_536;
 /// Documents kept in memory before idle ones are evicted.
 pub const DEFAULT_MAX_LOADED_DOCS: usize = 20_000;
+/// A device connection on which nothing (not even a pong to the server's pings) arrived
+/// for this long is closed: a tablet that left the network's range without a reset would
+/// otherwise hold its socket, buffers and place in the hub for ever.
+/// `RELAIS_PEER_IDLE_SECS` overrides it (tests use a second or two).
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// [`PEER_IDLE_TIMEOUT`], or `RELAIS_PEER_IDLE_SECS`.
+pub fn peer_idle_timeout() -> Duration {
+    secs_from_env("RELAIS_PEER_IDLE_SECS", PEER_IDLE_TIMEOUT)
+}
+
+/// The environment variable `name` as a duration in seconds where it is a positive number
+/// that fits, else `default`.
+pub fn secs_from_env(name: &str, default: Duration) -> Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(default)
+}
 
 /// Settings from a TOML file; every field is optional.
 #[derive(Debug, Clone, Default, Deserialize)]

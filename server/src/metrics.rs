@@ -23,7 +23,7 @@ pub struct Metrics {
     pub bytes_in: Counter,
     /// Bytes sent in WebSocket frames.
     pub bytes_out: Counter,
-    /// Connections closed for bad input, overflow or policy.
+    /// Connections closed for bad input, overflow, policy or silence.
     pub connections_dropped: Counter,
     /// Time from receiving a frame to handing its replies to the connections, durable
     /// commit included.
@@ -80,7 +80,7 @@ impl Default for Metrics {
         registry.register("bytes_out", "Bytes sent in frames", m.bytes_out.clone());
         registry.register(
             "connections_dropped",
-            "Connections closed for bad input, overflow or policy",
+            "Connections closed for bad input, overflow, policy or silence",
             m.connections_dropped.clone(),
         );
         registry.register(

@@ -37,12 +37,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn idle_timeout() -> Duration {
-    std::env::var("RELAIS_UPSTREAM_IDLE_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(IDLE_TIMEOUT)
+    crate::config::secs_from_env("RELAIS_UPSTREAM_IDLE_SECS", IDLE_TIMEOUT)
 }
 
 /// Where the last full sync with the upstream left off, saved in the store's meta table.
@@ -255,16 +250,25 @@ async fn session(
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes));
-    let (ws, _) =
-        // `true`: no Nagle delay on small sync frames.
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), true, connector)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    format!("upstream refused the connection: {}", resp.status())
-                }
-                other => format!("cannot reach upstream: {other}"),
-            })?;
+    // `true`: no Nagle delay on small sync frames.
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), true, connector);
+    // A route that takes the connection and then says nothing (a dead 2G route, a proxy
+    // that holds it) would otherwise keep the link down and untried for good.
+    let (ws, _) = tokio::time::timeout(idle_timeout(), connect)
+        .await
+        .map_err(|_| {
+            format!(
+                "upstream did not answer within {} s; retrying",
+                idle_timeout().as_secs_f64()
+            )
+        })?
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                format!("upstream refused the connection: {}", resp.status())
+            }
+            other => format!("cannot reach upstream: {other}"),
+        })?;
     let conn = next_conn.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(crate::config::MAX_QUEUED_FRAMES);
     let queued = Arc::new(AtomicUsize::new(0));

@@ -1,10 +1,13 @@
 //! One WebSocket connection: authentication at the upgrade, then frames in and out.
 //!
 //! The reader forwards binary frames to the engine; a writer task drains the connection's
-//! bounded outbox. Protocol logic lives in the engine's hub, not here.
+//! bounded outbox and pings a quiet peer. A peer not heard from for
+//! [`PEER_IDLE_TIMEOUT`](crate::config::PEER_IDLE_TIMEOUT) (not counting time spent sending
+//! to it), or that takes nothing sent to it for as long, is dropped. Protocol logic lives in
+//! the engine's hub, not here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -106,29 +109,62 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     app.devices.connected(&device);
     tracing::info!(conn, "connected");
     let (mut sink, mut stream) = socket.split();
-    let metrics = app.metrics.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(out) = out_rx.recv().await {
-            match out {
-                Outgoing::Frame(bytes) => {
-                    let len = bytes.len();
-                    let sent = sink.send(WsMessage::Binary(bytes.into())).await;
-                    queued.fetch_sub(len, Ordering::Relaxed);
-                    if sent.is_err() {
+    let idle = crate::config::peer_idle_timeout();
+    let clock = Arc::new(SendClock::new());
+    let writer = {
+        let (clock, kill, metrics) = (clock.clone(), kill.clone(), app.metrics.clone());
+        tokio::spawn(async move {
+            // Pings on a quiet link, so that a live peer answers and a gone one does not.
+            let mut ping = tokio::time::interval(idle / 4);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.tick().await;
+            loop {
+                let (msg, len) = tokio::select! {
+                    out = out_rx.recv() => match out {
+                        Some(Outgoing::Frame(bytes)) => {
+                            let len = bytes.len();
+                            (WsMessage::Binary(bytes.into()), len)
+                        }
+                        Some(Outgoing::Close(code, reason)) => {
+                            let _ = sink.send(close(code, &reason)).await;
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = ping.tick() => (WsMessage::Ping(Default::default()), 0),
+                };
+                // A peer that takes nothing for this long is gone or too slow to serve: a
+                // dead route without a reset would hold the send for many minutes.
+                let budget = relais_client::send_budget(idle, len);
+                let sent = clock
+                    .time(tokio::time::timeout(budget, sink.send(msg)))
+                    .await;
+                queued.fetch_sub(len, Ordering::Relaxed);
+                ping.reset();
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        tracing::warn!(
+                            conn,
+                            secs = budget.as_secs(),
+                            "the peer took nothing; dropping it"
+                        );
+                        metrics.connections_dropped.inc();
+                        kill.notify_one();
                         break;
                     }
                 }
-                Outgoing::Close(code, reason) => {
-                    let _ = sink.send(close(code, &reason)).await;
-                    break;
-                }
             }
-        }
-        let _ = sink.close().await;
-        drop(metrics);
-    });
+            let _ = sink.close().await;
+        })
+    };
     let mut shutdown = app.shutdown.clone();
+    // When the peer last said anything, and how long the writer had spent sending by then:
+    // time spent sending to it is not its silence (it may be receiving a large frame over 2G).
+    let mut heard = (tokio::time::Instant::now(), clock.busy());
     loop {
+        let deadline = heard.0 + idle + clock.busy().saturating_sub(heard.1);
         tokio::select! {
             _ = kill.notified() => {
                 // Dropped by the engine (a close, or a peer that does not read): stop
@@ -139,7 +175,18 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
                 let _ = out_tx.try_send(Outgoing::Close(close_code::AWAY, "server shutting down".into()));
                 break;
             }
-            msg = stream.next() => {
+            msg = tokio::time::timeout_at(deadline, stream.next()) => {
+                let Ok(msg) = msg else {
+                    if heard.0 + idle + clock.busy().saturating_sub(heard.1) > tokio::time::Instant::now() {
+                        // The writer was sending meanwhile: wait on.
+                        continue;
+                    }
+                    tracing::info!(conn, secs = idle.as_secs_f64(), "heard nothing from the peer; closing");
+                    app.metrics.connections_dropped.inc();
+                    let _ = out_tx.try_send(Outgoing::Close(close_code::AWAY, format!("heard nothing for {} s", idle.as_secs_f64())));
+                    break;
+                };
+                heard = (tokio::time::Instant::now(), clock.busy());
                 match msg {
                     Some(Ok(WsMessage::Binary(bytes))) => {
                         app.metrics.bytes_in.inc_by(bytes.len() as u64);
@@ -147,6 +194,8 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
                         if !app.engine.send(input).await {
                             break;
                         }
+                        // Waiting for room in the engine's queue is not the peer's silence.
+                        heard = (tokio::time::Instant::now(), clock.busy());
                     }
                     Some(Ok(WsMessage::Text(_))) => {
                         tracing::warn!(conn, "text frame; closing");
@@ -191,6 +240,53 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     app.metrics.connections.dec();
     app.devices.disconnected(&device);
     tracing::info!(conn, device = %device, "disconnected");
+}
+
+/// The time a connection's writer has spent inside sends, the one under way included.
+struct SendClock {
+    origin: Instant,
+    /// Microseconds spent in sends that ended.
+    spent_us: AtomicU64,
+    /// When the send under way started (microseconds since `origin`, plus one), or 0.
+    since_us: AtomicU64,
+}
+
+impl SendClock {
+    fn new() -> Self {
+        SendClock {
+            origin: Instant::now(),
+            spent_us: AtomicU64::new(0),
+            since_us: AtomicU64::new(0),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64 + 1
+    }
+
+    /// Time spent sending so far.
+    fn busy(&self) -> std::time::Duration {
+        let since = self.since_us.load(Ordering::Acquire);
+        let under_way = if since == 0 {
+            0
+        } else {
+            self.now_us().saturating_sub(since)
+        };
+        std::time::Duration::from_micros(self.spent_us.load(Ordering::Acquire) + under_way)
+    }
+
+    /// Runs one send, counting its time.
+    async fn time<F: std::future::Future>(&self, send: F) -> F::Output {
+        let start = self.now_us();
+        self.since_us.store(start, Ordering::Release);
+        let out = send.await;
+        // Added before the send under way is cleared: a reader looking in between counts
+        // the send twice (a later deadline), never not at all.
+        self.spent_us
+            .fetch_add(self.now_us().saturating_sub(start), Ordering::AcqRel);
+        self.since_us.store(0, Ordering::Release);
+        out
+    }
 }
 
 /// A plain-text error response.

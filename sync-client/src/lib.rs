@@ -319,8 +319,9 @@ impl Replica {
 /// Options of a sync.
 #[derive(Clone)]
 pub struct SyncOptions {
-    /// Give up when the server says nothing for this long, or takes nothing we send for
-    /// this long plus a second per KiB sent (a link that went dead without a reset).
+    /// Give up when the server says nothing for this long (connecting included), or takes
+    /// nothing we send for this long plus a second per KiB sent (a link that went dead
+    /// without a reset).
     pub idle_timeout: Duration,
     /// Largest frame accepted from the server.
     pub max_frame_bytes: usize,

@@ -140,11 +140,20 @@ pub(crate) async fn run(
     } else {
         None
     };
-    let (ws, _) =
-        // `true`: no Nagle delay on small sync frames.
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector)
-            .await
-            .map_err(connect_error)?;
+    // `true`: no Nagle delay on small sync frames.
+    let connect = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector);
+    // A route that takes the connection and then says nothing (a dead 2G route, a captive
+    // portal) would otherwise hold the sync, and a background sync's retries, for good.
+    let (ws, _) = tokio::time::timeout(opts.idle_timeout, connect)
+        .await
+        .map_err(|_| {
+            ClientError::Network(format!(
+                "{} did not answer within {} s",
+                server_key(url),
+                opts.idle_timeout.as_secs_f64()
+            ))
+        })?
+        .map_err(connect_error)?;
     let (mut sink, mut stream) = ws.split();
     let store = replica.ledger().store_arc();
     let mut hub = Hub::new(

@@ -375,3 +375,20 @@ pub fn api_token(server: &Server, admin: &str, name: &str, role: &str, scope: &s
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["token"].as_str().unwrap().to_string()
 }
+
+/// A listener that takes connections and never answers: a dead 2G route past the first
+/// hop, or a captive portal. It holds each socket open, and counts them.
+pub async fn mute_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (addr, taken)
+}

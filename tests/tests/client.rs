@@ -354,6 +354,40 @@ async fn writes_made_during_a_sync_are_pushed_by_the_next_one() {
     assert!(server.stop().success());
 }
 
+/// A sync to a server that takes the connection and then says nothing ends with a network
+/// error after the idle timeout, instead of waiting for ever; a background sync retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_the_handshake_is_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Arc::new(replica(dir.path(), "tab"));
+    let (addr, taken) = mute_listener().await;
+    let url = format!("ws://{addr}/sync");
+    let opts = SyncOptions {
+        idle_timeout: Duration::from_secs(1),
+        min_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(200),
+        ..SyncOptions::default()
+    };
+    let result = tokio::time::timeout(Duration::from_secs(20), r.sync_with(&url, "rls_x", &opts))
+        .await
+        .expect("the sync gave up");
+    match result {
+        Err(ClientError::Network(e)) => assert!(e.contains("did not answer within 1 s"), "{e}"),
+        other => panic!("expected a network error, got {other:?}"),
+    }
+    assert_eq!(taken.load(Ordering::SeqCst), 1);
+    let background = r.start_sync(&url, "rls_x", opts);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while taken.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background sync stopped retrying"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    background.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_typed() {
     let (dir, data, _token) = seeded_data_dir();

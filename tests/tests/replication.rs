@@ -645,6 +645,51 @@ async fn a_quiet_upstream_link_stays_up() {
     assert!(v["last_error"].is_null(), "{v}");
 }
 
+/// An upstream that takes the connection and never answers the handshake (a dead route
+/// past the first hop) is given up on after the idle limit and tried again, over and over,
+/// with the reason shown to the office's admin; meanwhile the office serves its tablets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_is_retried_and_the_office_serves_meanwhile() {
+    let root = tempfile::tempdir().unwrap();
+    let (mute, taken) = mute_listener().await;
+    let mopti_data = data_dir(root.path(), "mopti");
+    seed_reference(&mopti_data);
+    let m_admin = create_token(&mopti_data, "admin", &["--role", "admin"]);
+    let mopti = Server::start_env(
+        &mopti_data,
+        &[
+            "--upstream",
+            &format!("ws://{mute}/sync"),
+            "--upstream-token",
+            "rls_x",
+        ],
+        &[("RELAIS_UPSTREAM_IDLE_SECS", "1")],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v = get(&mopti, "/api/v1/upstream", &m_admin);
+        if taken.load(std::sync::atomic::Ordering::SeqCst) >= 2 && !v["last_error"].is_null() {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the office stopped trying its upstream: {v}\n{}",
+            mopti.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["connected"], false, "{v}");
+    let error = v["last_error"].as_str().unwrap();
+    assert!(error.contains("did not answer within 1 s"), "{v}");
+    let tab = replica(root.path(), "tab");
+    tokio::time::timeout(Duration::from_secs(30), tab.sync(&mopti.url(), &m_admin))
+        .await
+        .expect("the office answers its tablets")
+        .unwrap();
+    assert!(tab.ledger().site("SOC-01").unwrap().is_some());
+    assert!(mopti.stop().success());
+}
+
 /// An office whose upstream token may not write (a viewer's) still completes its syncs:
 /// Bamako refuses the office's households, the office logs and counts each refusal, keeps
 /// them as pending, and offers them again once the token may write.

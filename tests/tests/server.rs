@@ -396,6 +396,76 @@ async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
     assert!(server.stop().success());
 }
 
+/// Connections the server counts for the device of token `device`.
+fn connections_of(server: &Server, admin: &str, device: &str) -> i64 {
+    let (status, body) = http(server.addr, "GET", "/api/v1/devices", Some(admin), None);
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == device)
+        .map_or(0, |d| d["connections"].as_i64().unwrap())
+}
+
+/// A tablet that left the network's range without a reset stops answering: here, a socket
+/// that is never read again, so no pong answers the server's pings. The server drops it
+/// once it has heard nothing for its idle limit, instead of holding its place for ever; a
+/// quiet client that still reads (tungstenite answers pings as it reads) stays through
+/// several limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
+    let (_dir, data, admin) = seeded_data_dir();
+    let tablet = create_token(
+        &data,
+        "tab-soc",
+        &["--role", "enumerator", "--sites", "SOC-01"],
+    );
+    let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "1")]);
+    let mut quiet = joined(&server.url(), &admin).await;
+    let quiet_reads = tokio::spawn(async move {
+        loop {
+            match quiet.next().await {
+                Some(Ok(Ws::Close(f))) => return format!("closed: {f:?}"),
+                None => return "eof".to_string(),
+                Some(Err(e)) => return format!("error: {e}"),
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    let mut silent = joined(&server.url(), &tablet).await;
+    assert_eq!(connections_of(&server, &admin, "tab-soc"), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connections_of(&server, &admin, "tab-soc") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent peer was never dropped:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its socket was closed (reading it now ends: the close frame, or the write of the pongs
+    // tungstenite owes finds the socket gone), and the server says why.
+    closed_with(&mut silent).await;
+    assert!(
+        server.log().contains("heard nothing from the peer; closing"),
+        "{}",
+        server.log()
+    );
+    // Three more limits: the quiet client is still there, and so is its connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!quiet_reads.is_finished(), "{:?}", quiet_reads.await);
+    assert_eq!(connections_of(&server, &admin, "admin"), 1);
+    let (_, metrics) = http(server.addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "relais_connections_dropped_total 1"),
+        "{metrics}"
+    );
+    assert!(server.stop().success());
+}
+
 async fn joined(url: &str, token: &str) -> WsStream {
     let mut ws = raw(url, token).await;
     ws.send(Ws::Binary(join().into())).await.unwrap();
