@@ -191,6 +191,8 @@ pub(crate) async fn run(
         ..Default::default()
     };
     let mut last_progress = Instant::now();
+    // When the server last sent anything at all, pongs included.
+    let mut last_heard = Instant::now();
     // A frame read while gathering a batch that must be handled after it.
     let mut deferred: Option<WsResult> = None;
     let mut step = hub.connect_outbound(
@@ -218,6 +220,7 @@ pub(crate) async fn run(
         // Nothing is read while a step is stored and sent (a big frame on a slow link takes
         // a while): that time is not the server's silence.
         last_progress += handling.elapsed();
+        last_heard += handling.elapsed();
         if done {
             if live.is_none() {
                 close(&mut sink).await;
@@ -225,9 +228,12 @@ pub(crate) async fn run(
             }
             replica.set_connected(true);
         }
-        let wait = if live.is_some() && hub.awaiting(CONN) == 0 {
-            // Connected and idle: wait for the server or for local writes.
-            Duration::from_secs(24 * 3600)
+        let live_idle = live.is_some() && hub.awaiting(CONN) == 0;
+        let wait = if live_idle {
+            // Connected and idle: wait for the server or for local writes, pinging now and
+            // then so that a route that died without a reset is noticed (any server answers
+            // a ping) instead of the tablet showing "connected" on a dead link.
+            (opts.idle_timeout / 4).max(Duration::from_millis(10))
         } else {
             // Pings do not count as progress: a server that only pings is stalled.
             opts.idle_timeout.saturating_sub(last_progress.elapsed())
@@ -241,32 +247,40 @@ pub(crate) async fn run(
             continue;
         }
         step = tokio::select! {
-            msg = tokio::time::timeout(wait, stream.next()) => {
-                let binary = matches!(msg, Ok(Some(Ok(WsMessage::Binary(_)))));
-                let mut s = next_step(&mut hub, msg, &mut summary)?;
-                if binary {
-                    last_progress = Instant::now();
-                    // Group commit: take every frame already received, so that one durable
-                    // commit covers all of them (a fresh tablet receives thousands of
-                    // documents, and a commit per frame would cost a disk flush each).
-                    for _ in 1..GROUP_FRAMES {
-                        match stream.next().now_or_never() {
-                            Some(Some(Ok(WsMessage::Binary(b)))) => s.absorb(next_step(
-                                &mut hub,
-                                Ok(Some(Ok(WsMessage::Binary(b)))),
-                                &mut summary,
-                            )?),
-                            // A close, an error or a control frame: after this batch.
-                            Some(other) => {
-                                deferred = Some(other);
-                                break;
+            msg = tokio::time::timeout(wait, stream.next()) => match msg {
+                Err(_) if live_idle => {
+                    keep_alive(&mut sink, last_heard, opts).await?;
+                    Step::default()
+                }
+                msg => {
+                    // On a timeout outside a live session's idle wait, `next_step` fails.
+                    last_heard = Instant::now();
+                    let binary = matches!(msg, Ok(Some(Ok(WsMessage::Binary(_)))));
+                    let mut s = next_step(&mut hub, msg, &mut summary)?;
+                    if binary {
+                        last_progress = Instant::now();
+                        // Group commit: take every frame already received, so that one durable
+                        // commit covers all of them (a fresh tablet receives thousands of
+                        // documents, and a commit per frame would cost a disk flush each).
+                        for _ in 1..GROUP_FRAMES {
+                            match stream.next().now_or_never() {
+                                Some(Some(Ok(WsMessage::Binary(b)))) => s.absorb(next_step(
+                                    &mut hub,
+                                    Ok(Some(Ok(WsMessage::Binary(b)))),
+                                    &mut summary,
+                                )?),
+                                // A close, an error or a control frame: after this batch.
+                                Some(other) => {
+                                    deferred = Some(other);
+                                    break;
+                                }
+                                None => break,
                             }
-                            None => break,
                         }
                     }
+                    s
                 }
-                s
-            }
+            },
             _ = wait_local(local_write.as_deref(), &store, progress.offered) => {
                 tokio::time::sleep(opts.push_delay).await;
                 let mut s = Step::default();
@@ -285,6 +299,33 @@ pub(crate) async fn run(
                 return Err(ClientError::Stopped);
             }
         };
+    }
+}
+
+/// On a live session's quiet link: fails once nothing at all was heard from the server for
+/// the idle timeout (a route that died without a reset), else pings it, so that a live
+/// server has something to answer.
+async fn keep_alive<S>(
+    sink: &mut S,
+    last_heard: Instant,
+    opts: &SyncOptions,
+) -> Result<(), ClientError>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    let idle = opts.idle_timeout;
+    if last_heard.elapsed() >= idle {
+        return Err(ClientError::Network(format!(
+            "the server went silent: nothing heard for {} s",
+            idle.as_secs_f64()
+        )));
+    }
+    match tokio::time::timeout(idle, sink.send(WsMessage::Ping(Vec::new().into()))).await {
+        Ok(r) => r.map_err(|e| ClientError::Network(e.to_string())),
+        Err(_) => Err(ClientError::Network(format!(
+            "the server took nothing for {} s",
+            idle.as_secs_f64()
+        ))),
     }
 }
 

@@ -392,3 +392,88 @@ pub async fn mute_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
     });
     (addr, taken)
 }
+
+/// A TCP proxy to `target` whose route can die without a reset: frozen, it forwards nothing
+/// either way and answers nothing, but holds every socket open, new ones included. It
+/// counts the connections it took.
+pub struct FreezingProxy {
+    /// Where to connect instead of the target.
+    pub addr: SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    taken: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FreezingProxy {
+    /// Starts forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> FreezingProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (f, t) = (frozen.clone(), taken.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                t.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, f.clone()));
+                tokio::spawn(Self::pipe(sr, cw, f.clone()));
+            }
+        });
+        FreezingProxy {
+            addr,
+            frozen,
+            taken,
+        }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // Frozen: nothing is read, so the sender's buffers fill as on a dead route.
+            while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The route dies: nothing passes until [`FreezingProxy::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The route is back.
+    pub fn thaw(&self) {
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections taken so far.
+    pub fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The sync URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+}

@@ -388,6 +388,64 @@ async fn a_server_that_never_answers_the_handshake_is_given_up_on() {
     background.stop().await;
 }
 
+/// A tablet's background sync, connected and idle, notices a route that died without a
+/// reset (nothing passes either way, the sockets held open) within its idle timeout,
+/// reports itself disconnected and keeps trying; once the route is back it reconnects and
+/// pushes what was written meanwhile. Before that, a quiet but live link stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_on_a_route_that_died_says_so_and_comes_back() {
+    let (dir, data, token) = seeded_data_dir();
+    let server = Server::start(&data, &[]);
+    let proxy = FreezingProxy::start(server.addr).await;
+    let a = Arc::new(replica(dir.path(), "a"));
+    let opts = SyncOptions {
+        idle_timeout: Duration::from_secs(1),
+        min_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(500),
+        ..SyncOptions::default()
+    };
+    let background = a.start_sync(&proxy.url(), &token, opts);
+    let wait_for = |connected: bool, what: &'static str| {
+        let a = a.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while a.status().unwrap().connected != connected {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(true, "never connected").await;
+    // Four idle timeouts with nothing to sync: the pings keep the one connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(a.status().unwrap().connected);
+    assert_eq!(proxy.taken(), 1, "the quiet link was dropped");
+    proxy.freeze();
+    wait_for(false, "the dead route still shows as connected").await;
+    let id = a
+        .ledger()
+        .register(household("SOC-01", "Registered while the route was down"))
+        .unwrap();
+    a.wrote();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!a.status().unwrap().connected);
+    assert!(proxy.taken() >= 2, "no retry while the route was down");
+    proxy.thaw();
+    wait_for(true, "never reconnected once the route was back").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a.status().unwrap().pending_documents > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write was never pushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    background.stop().await;
+    let b = replica(dir.path(), "b");
+    b.sync(&server.url(), &token).await.unwrap();
+    assert!(b.ledger().household(id).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_typed() {
     let (dir, data, _token) = seeded_data_dir();

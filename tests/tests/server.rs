@@ -448,7 +448,9 @@ async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
     // tungstenite owes finds the socket gone), and the server says why.
     closed_with(&mut silent).await;
     assert!(
-        server.log().contains("heard nothing from the peer; closing"),
+        server
+            .log()
+            .contains("heard nothing from the peer; closing"),
         "{}",
         server.log()
     );
