@@ -24,23 +24,29 @@ pub const MAX_QUEUED_FRAMES: usize = 65_536;
 pub const DEFAULT_MAX_LOADED_DOCS: usize = 20_000;
 /// A device connection on which nothing (not even a pong to the server's pings) arrived
 /// for this long is closed: a tablet that left the network's range without a reset would
-/// otherwise hold its socket, buffers and place in the hub for ever.
+/// otherwise hold its socket, buffers and place in the hub for ever. Only whole messages
+/// count, so this is also the longest a frame from a device may take to arrive: 300 KB at
+/// 1 KiB/s, more than relais-client's 128 KB batch frames.
 /// `RELAIS_PEER_IDLE_SECS` overrides it (tests use a second or two).
-pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// [`PEER_IDLE_TIMEOUT`], or `RELAIS_PEER_IDLE_SECS`.
 pub fn peer_idle_timeout() -> Duration {
     secs_from_env("RELAIS_PEER_IDLE_SECS", PEER_IDLE_TIMEOUT)
 }
 
-/// The environment variable `name` as a duration in seconds where it is a positive number
-/// that fits, else `default`.
+/// The environment variable `name` as a duration in seconds where it is a positive number,
+/// kept within 10 ms and 30 days (a zero ping period would panic, a huge deadline would
+/// overflow), else `default`.
 pub fn secs_from_env(name: &str, default: Duration) -> Duration {
-    std::env::var(name)
-        .ok()
+    secs_from(std::env::var(name).ok().as_deref(), default)
+}
+
+fn secs_from(value: Option<&str>, default: Duration) -> Duration {
+    value
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| *s > 0.0)
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .map(|s| Duration::from_secs_f64(s.clamp(0.01, 30.0 * 86_400.0)))
         .unwrap_or(default)
 }
 
@@ -143,5 +149,27 @@ impl ServerConfig {
     /// The store file.
     pub fn store_path(&self) -> PathBuf {
         store_path(&self.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_from_the_environment_are_kept_within_bounds() {
+        let default = Duration::from_secs(120);
+        assert_eq!(secs_from(None, default), default);
+        assert_eq!(
+            secs_from(Some(" 1.5 "), default),
+            Duration::from_millis(1500)
+        );
+        for bad in ["", "x", "0", "-3", "NaN"] {
+            assert_eq!(secs_from(Some(bad), default), default, "{bad:?}");
+        }
+        assert_eq!(secs_from(Some("1e-9"), default), Duration::from_millis(10));
+        let month = Duration::from_secs(30 * 86_400);
+        assert_eq!(secs_from(Some("1e300"), default), month);
+        assert_eq!(secs_from(Some("inf"), default), month);
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! The reader forwards binary frames to the engine; a writer task drains the connection's
 //! bounded outbox and pings a quiet peer. A peer not heard from for
-//! [`PEER_IDLE_TIMEOUT`](crate::config::PEER_IDLE_TIMEOUT) (not counting time spent sending
-//! to it), or that takes nothing sent to it for as long, is dropped. Protocol logic lives in
-//! the engine's hub, not here.
+//! [`PEER_IDLE_TIMEOUT`](crate::config::PEER_IDLE_TIMEOUT), once what was sent to it has had
+//! its send budget to arrive, is dropped, and so is one that takes nothing sent to it within
+//! that budget (the timeout plus a second per KiB). Protocol logic lives in the engine's
+//! hub, not here.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -110,9 +111,9 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     tracing::info!(conn, "connected");
     let (mut sink, mut stream) = socket.split();
     let idle = crate::config::peer_idle_timeout();
-    let clock = Arc::new(SendClock::new());
+    let grace = Arc::new(SendGrace::new());
     let writer = {
-        let (clock, kill, metrics) = (clock.clone(), kill.clone(), app.metrics.clone());
+        let (grace, kill, metrics) = (grace.clone(), kill.clone(), app.metrics.clone());
         tokio::spawn(async move {
             // Pings on a quiet link, so that a live peer answers and a gone one does not.
             let mut ping = tokio::time::interval(idle / 4);
@@ -136,9 +137,10 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
                 // A peer that takes nothing for this long is gone or too slow to serve: a
                 // dead route without a reset would hold the send for many minutes.
                 let budget = relais_client::send_budget(idle, len);
-                let sent = clock
-                    .time(tokio::time::timeout(budget, sink.send(msg)))
-                    .await;
+                if len > 0 {
+                    grace.extend(budget);
+                }
+                let sent = tokio::time::timeout(budget, sink.send(msg)).await;
                 queued.fetch_sub(len, Ordering::Relaxed);
                 ping.reset();
                 match sent {
@@ -160,11 +162,11 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
         })
     };
     let mut shutdown = app.shutdown.clone();
-    // When the peer last said anything, and how long the writer had spent sending by then:
-    // time spent sending to it is not its silence (it may be receiving a large frame over 2G).
-    let mut heard = (tokio::time::Instant::now(), clock.busy());
+    // When the peer last said anything. It may also stay silent while it receives what was
+    // sent to it (a large frame over 2G), for as long as the writer gives that to arrive.
+    let mut heard = tokio::time::Instant::now();
     loop {
-        let deadline = heard.0 + idle + clock.busy().saturating_sub(heard.1);
+        let deadline = (heard + idle).max(grace.until());
         tokio::select! {
             _ = kill.notified() => {
                 // Dropped by the engine (a close, or a peer that does not read): stop
@@ -177,8 +179,8 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
             }
             msg = tokio::time::timeout_at(deadline, stream.next()) => {
                 let Ok(msg) = msg else {
-                    if heard.0 + idle + clock.busy().saturating_sub(heard.1) > tokio::time::Instant::now() {
-                        // The writer was sending meanwhile: wait on.
+                    if grace.until() > tokio::time::Instant::now() {
+                        // Something was sent to it meanwhile: wait on.
                         continue;
                     }
                     tracing::info!(conn, secs = idle.as_secs_f64(), "heard nothing from the peer; closing");
@@ -186,7 +188,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
                     let _ = out_tx.try_send(Outgoing::Close(close_code::AWAY, format!("heard nothing for {} s", idle.as_secs_f64())));
                     break;
                 };
-                heard = (tokio::time::Instant::now(), clock.busy());
+                heard = tokio::time::Instant::now();
                 match msg {
                     Some(Ok(WsMessage::Binary(bytes))) => {
                         app.metrics.bytes_in.inc_by(bytes.len() as u64);
@@ -195,7 +197,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
                             break;
                         }
                         // Waiting for room in the engine's queue is not the peer's silence.
-                        heard = (tokio::time::Instant::now(), clock.busy());
+                        heard = tokio::time::Instant::now();
                     }
                     Some(Ok(WsMessage::Text(_))) => {
                         tracing::warn!(conn, "text frame; closing");
@@ -242,50 +244,34 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     tracing::info!(conn, device = %device, "disconnected");
 }
 
-/// The time a connection's writer has spent inside sends, the one under way included.
-struct SendClock {
-    origin: Instant,
-    /// Microseconds spent in sends that ended.
-    spent_us: AtomicU64,
-    /// When the send under way started (microseconds since `origin`, plus one), or 0.
-    since_us: AtomicU64,
+/// How long a peer may stay silent because of what was sent to it: a frame may take its
+/// send budget to reach the peer over the slowest link served, the socket's buffers and the
+/// network's queues included, and its answer comes after. Pings do not extend it.
+struct SendGrace {
+    origin: tokio::time::Instant,
+    /// The latest end of a frame's budget, in microseconds since `origin`.
+    until_us: AtomicU64,
 }
 
-impl SendClock {
+impl SendGrace {
     fn new() -> Self {
-        SendClock {
-            origin: Instant::now(),
-            spent_us: AtomicU64::new(0),
-            since_us: AtomicU64::new(0),
+        SendGrace {
+            origin: tokio::time::Instant::now(),
+            until_us: AtomicU64::new(0),
         }
     }
 
-    fn now_us(&self) -> u64 {
-        self.origin.elapsed().as_micros() as u64 + 1
+    /// A frame whose budget is `budget` starts to leave now.
+    fn extend(&self, budget: std::time::Duration) {
+        let until = self.origin.elapsed().saturating_add(budget).as_micros();
+        self.until_us
+            .fetch_max(u64::try_from(until).unwrap_or(u64::MAX), Ordering::AcqRel);
     }
 
-    /// Time spent sending so far.
-    fn busy(&self) -> std::time::Duration {
-        let since = self.since_us.load(Ordering::Acquire);
-        let under_way = if since == 0 {
-            0
-        } else {
-            self.now_us().saturating_sub(since)
-        };
-        std::time::Duration::from_micros(self.spent_us.load(Ordering::Acquire) + under_way)
-    }
-
-    /// Runs one send, counting its time.
-    async fn time<F: std::future::Future>(&self, send: F) -> F::Output {
-        let start = self.now_us();
-        self.since_us.store(start, Ordering::Release);
-        let out = send.await;
-        // Added before the send under way is cleared: a reader looking in between counts
-        // the send twice (a later deadline), never not at all.
-        self.spent_us
-            .fetch_add(self.now_us().saturating_sub(start), Ordering::AcqRel);
-        self.since_us.store(0, Ordering::Release);
-        out
+    /// Until when the peer's silence is excused.
+    fn until(&self) -> tokio::time::Instant {
+        let us = self.until_us.load(Ordering::Acquire);
+        self.origin + std::time::Duration::from_micros(us)
     }
 }
 

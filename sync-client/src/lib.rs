@@ -321,10 +321,10 @@ impl Replica {
 pub struct SyncOptions {
     /// Give up when the server says nothing for this long (connecting included), or takes
     /// nothing we send for this long plus a second per KiB sent (a link that went dead
-    /// without a reset). A background sync that is connected and idle pings the server every
-    /// quarter of this, and reconnects once nothing at all, pongs included, came back for
-    /// this long: [`SyncStatus::connected`] turns false on a dead route instead of staying
-    /// true.
+    /// without a reset). A background sync that is connected and idle pings the server when
+    /// it has heard nothing for half of this, and reconnects once nothing at all, pongs
+    /// included, came for all of it: [`SyncStatus::connected`] turns false on a dead route
+    /// instead of staying true.
     pub idle_timeout: Duration,
     /// Largest frame accepted from the server.
     pub max_frame_bytes: usize,

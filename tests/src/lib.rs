@@ -395,7 +395,8 @@ pub async fn mute_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
 
 /// A TCP proxy to `target` whose route can die without a reset: frozen, it forwards nothing
 /// either way and answers nothing, but holds every socket open, new ones included. It
-/// counts the connections it took.
+/// counts the connections it took, and can be slow towards the client (a poor link's
+/// download).
 pub struct FreezingProxy {
     /// Where to connect instead of the target.
     pub addr: SocketAddr,
@@ -406,6 +407,11 @@ pub struct FreezingProxy {
 impl FreezingProxy {
     /// Starts forwarding to `target`.
     pub async fn start(target: SocketAddr) -> FreezingProxy {
+        Self::start_throttled(target, None).await
+    }
+
+    /// Starts forwarding to `target`, at most `down` bytes a second towards the client.
+    pub async fn start_throttled(target: SocketAddr, down: Option<usize>) -> FreezingProxy {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -420,8 +426,8 @@ impl FreezingProxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(Self::pipe(cr, sw, f.clone()));
-                tokio::spawn(Self::pipe(sr, cw, f.clone()));
+                tokio::spawn(Self::pipe(cr, sw, f.clone(), None));
+                tokio::spawn(Self::pipe(sr, cw, f.clone(), down));
             }
         });
         FreezingProxy {
@@ -435,9 +441,10 @@ impl FreezingProxy {
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
         frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        rate: Option<usize>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; rate.map_or(16 * 1024, |r| (r / 10).clamp(1, 16 * 1024))];
         loop {
             // Frozen: nothing is read, so the sender's buffers fill as on a dead route.
             while frozen.load(std::sync::atomic::Ordering::SeqCst) {
@@ -452,6 +459,9 @@ impl FreezingProxy {
             }
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
+            }
+            if let Some(rate) = rate {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
             }
         }
     }

@@ -421,7 +421,7 @@ async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
         "tab-soc",
         &["--role", "enumerator", "--sites", "SOC-01"],
     );
-    let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "1")]);
+    let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "2")]);
     let mut quiet = joined(&server.url(), &admin).await;
     let quiet_reads = tokio::spawn(async move {
         loop {
@@ -455,7 +455,7 @@ async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
         server.log()
     );
     // Three more limits: the quiet client is still there, and so is its connection.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!quiet_reads.is_finished(), "{:?}", quiet_reads.await);
     assert_eq!(connections_of(&server, &admin, "admin"), 1);
     let (_, metrics) = http(server.addr, "GET", "/metrics", None, None);
@@ -465,6 +465,89 @@ async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
             .any(|l| l == "relais_connections_dropped_total 1"),
         "{metrics}"
     );
+    assert!(server.stop().success());
+}
+
+/// Silence while a large frame is on its way is not a dead link: a peer on a slow link,
+/// receiving a 300 KB document for several of the server's idle limits, keeps its
+/// connection, because a frame sent gets its send budget to arrive before silence counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_receiving_a_large_frame_slowly_is_not_taken_for_gone() {
+    let (_dir, data, admin) = seeded_data_dir();
+    let id = {
+        use automerge::transaction::Transactable;
+        let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        let blob: Vec<u8> = (0..300_000u32).map(|_| rand::random::<u8>()).collect();
+        tx.put(automerge::ROOT, "blob", blob).unwrap();
+        tx.commit();
+        let id = relais_core::DocumentId::random();
+        store
+            .write(&[relais_core::store::DocWrite::from_doc(
+                id,
+                relais_core::document::DocInfo::other(),
+                &doc,
+                vec![],
+            )])
+            .unwrap();
+        id
+    };
+    let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "1")]);
+    // About 6 s for the document: six idle limits.
+    let proxy = FreezingProxy::start_throttled(server.addr, Some(50_000)).await;
+    let mut ws = joined(&proxy.url(), &admin).await;
+    let empty = {
+        use automerge::sync::SyncDoc;
+        automerge::Automerge::new()
+            .generate_sync_message(&mut automerge::sync::State::new())
+            .unwrap()
+            .encode()
+    };
+    let request = |doc: String| {
+        Message::Request(DocMessage {
+            sender_id: "hostile".into(),
+            target_id: "s".into(),
+            document_id: doc,
+            data: empty.clone(),
+        })
+        .encode()
+    };
+    ws.send(Ws::Binary(request(id.to_string()).into()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => panic!("the document never arrived"),
+            Ok(Some(Ok(Ws::Binary(b)))) => match Message::decode(&b) {
+                Ok(Message::Sync(m)) if m.data.len() > 250_000 => break,
+                _ => {}
+            },
+            Ok(Some(Ok(Ws::Close(f)))) => panic!("closed while receiving: {f:?}"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Still connected: another request is answered.
+    ws.send(Ws::Binary(
+        request(relais_core::DocumentId::random().to_string()).into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Ws::Binary(b)))) => {
+                if matches!(Message::decode(&b), Ok(Message::DocUnavailable { .. })) {
+                    break;
+                }
+            }
+            Ok(Some(Ok(Ws::Close(f)))) => panic!("closed after receiving: {f:?}"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!server.log().contains("heard nothing"), "{}", server.log());
     assert!(server.stop().success());
 }
 
