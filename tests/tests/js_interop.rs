@@ -35,7 +35,9 @@ fn stock_automerge_repo_client_syncs_through_relais() {
     // A browser-style client authenticates with ?token=.
     let token = create_token(&data, "js-client", &["--role", "admin"]);
     let site = relais_core::DocumentId::derived("site", "SOC-01").url();
-    let server = Server::start(&data, &[]);
+    // A short idle limit, so that the server pings the client many times during the run: a
+    // stock client must answer them (Node's `ws` does) and never be taken for gone.
+    let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "2")]);
     let out = Command::new("node")
         .arg("interop.mjs")
         .current_dir(js_dir())
@@ -48,6 +50,11 @@ fn stock_automerge_repo_client_syncs_through_relais() {
     assert!(
         out.status.success() && stdout.contains("js interop ok"),
         "node failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+        server.log()
+    );
+    assert!(
+        !server.log().contains("heard nothing from the peer"),
+        "the server dropped a stock client that answers pings:\n{}",
         server.log()
     );
     assert!(server.stop().success());
