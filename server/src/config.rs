@@ -111,6 +111,9 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Upstream server to replicate with.
     pub upstream: Option<Upstream>,
+    /// A device connection heard nothing from for this long is closed
+    /// ([`PEER_IDLE_TIMEOUT`], or `RELAIS_PEER_IDLE_SECS`).
+    pub peer_idle: Duration,
 }
 
 /// An upstream server this one replicates with (a sub-office syncing with Bamako).
@@ -136,6 +139,7 @@ impl Default for ServerConfig {
             sync_workers: relais_core::protocol::hub::HubConfig::default().workers,
             tls: None,
             upstream: None,
+            peer_idle: peer_idle_timeout(),
         }
     }
 }

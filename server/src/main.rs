@@ -871,6 +871,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             (None, _) => None,
             (Some(_), None) => bail!("an upstream needs a token (upstream-token)"),
         },
+        peer_idle: d.peer_idle,
     })
 }
 

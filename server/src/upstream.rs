@@ -250,17 +250,13 @@ async fn session(
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes));
-    // `true`: no Nagle delay on small sync frames.
-    let connect =
-        tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_cfg), true, connector);
-    // A route that takes the connection and then says nothing (a dead 2G route, a proxy
-    // that holds it) would otherwise keep the link down and untried for good.
-    let (ws, _) = tokio::time::timeout(idle_timeout(), connect)
+    let idle = idle_timeout();
+    let ws = relais_client::connect_within(req, ws_cfg, connector, idle)
         .await
-        .map_err(|_| {
+        .ok_or_else(|| {
             format!(
                 "upstream did not answer within {} s; retrying",
-                idle_timeout().as_secs_f64()
+                idle.as_secs_f64()
             )
         })?
         .map_err(|e| match e {
@@ -292,7 +288,6 @@ async fn session(
     tracing::info!(conn, upstream = %cfg.url.split('?').next().unwrap_or(""), "upstream link up");
     let (mut sink, mut stream) = ws.split();
     // A quiet office is not a dead link: ping, and count only what arrives as a sign of life.
-    let idle = idle_timeout();
     let mut ping = tokio::time::interval(idle / 4);
     ping.tick().await;
     let mut heard = tokio::time::Instant::now();

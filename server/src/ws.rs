@@ -110,7 +110,7 @@ async fn connection(app: Arc<App>, socket: WebSocket, identity: Identity) {
     app.devices.connected(&device);
     tracing::info!(conn, "connected");
     let (mut sink, mut stream) = socket.split();
-    let idle = crate::config::peer_idle_timeout();
+    let idle = app.cfg.peer_idle;
     let grace = Arc::new(SendGrace::new());
     let writer = {
         let (grace, kill, metrics) = (grace.clone(), kill.clone(), app.metrics.clone());

@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
-pub use session::{send_budget, RefusedDocument, SyncSummary};
+pub use session::{connect_within, send_budget, RefusedDocument, SyncSummary, WsConnection};
 pub use tls::TlsTrust;
 
 /// Something that changed in the replica because of a sync.

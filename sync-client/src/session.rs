@@ -72,6 +72,26 @@ pub fn send_budget(idle: Duration, bytes: usize) -> Duration {
     idle + Duration::from_secs((bytes / SLOWEST_LINK_BYTES_PER_SEC) as u64)
 }
 
+/// A WebSocket connected to `req`, or `None` when no answer came within `limit`: a route
+/// that takes the connection and then says nothing (a dead 2G route, a captive portal)
+/// would otherwise hold the caller, and its retries, for good. Shared by relais-client and
+/// a server's upstream link.
+pub async fn connect_within(
+    req: tungstenite::handshake::client::Request,
+    cfg: WebSocketConfig,
+    connector: Option<tokio_tungstenite::Connector>,
+    limit: Duration,
+) -> Option<Result<WsConnection, tungstenite::Error>> {
+    // `true`: no Nagle delay on small sync frames.
+    let connect = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector);
+    let connected = tokio::time::timeout(limit, connect).await.ok()?;
+    Some(connected.map(|(ws, _)| ws))
+}
+
+/// A client WebSocket, plain or TLS.
+pub type WsConnection =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// What one session has done, to tell its own writes from the app's.
 #[derive(Default)]
 struct Progress {
@@ -140,13 +160,9 @@ pub(crate) async fn run(
     } else {
         None
     };
-    // `true`: no Nagle delay on small sync frames.
-    let connect = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector);
-    // A route that takes the connection and then says nothing (a dead 2G route, a captive
-    // portal) would otherwise hold the sync, and a background sync's retries, for good.
-    let (ws, _) = tokio::time::timeout(opts.idle_timeout, connect)
+    let ws = connect_within(req, cfg, connector, opts.idle_timeout)
         .await
-        .map_err(|_| {
+        .ok_or_else(|| {
             ClientError::Network(format!(
                 "{} did not answer within {} s",
                 server_key(url),

@@ -291,30 +291,35 @@ async fn hostile_input_closes_only_that_connection() {
     assert!(server.stop().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
-    let (dir, data, token) = seeded_data_dir();
-    // Big documents, so that the stalled reader's socket buffers fill.
-    {
-        let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
-        let mut writes = Vec::new();
-        for i in 0..40u32 {
+/// Stores `count` documents of `bytes` random bytes each (random, so they do not compress)
+/// in the server store under `data`, and returns their ids.
+fn store_blobs(data: &std::path::Path, count: usize, bytes: usize) -> Vec<relais_core::DocumentId> {
+    use automerge::transaction::Transactable;
+    let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
+    let writes: Vec<_> = (0..count)
+        .map(|_| {
             let mut doc = automerge::Automerge::new();
             let mut tx = doc.transaction();
-            use automerge::transaction::Transactable;
-            let blob: Vec<u8> = (0..300_000u32).map(|_| rand::random::<u8>()).collect();
-            let _ = i;
+            let blob: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
             tx.put(automerge::ROOT, "blob", blob).unwrap();
             tx.commit();
-            writes.push(relais_core::store::DocWrite::from_doc(
+            relais_core::store::DocWrite::from_doc(
                 relais_core::DocumentId::random(),
                 relais_core::document::DocInfo::other(),
                 &doc,
                 vec![],
-            ));
-        }
-        store.write(&writes).unwrap();
-    }
+            )
+        })
+        .collect();
+    store.write(&writes).unwrap();
+    writes.into_iter().map(|w| w.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_drains_is_dropped_and_others_carry_on() {
+    let (dir, data, token) = seeded_data_dir();
+    // Big documents, so that the stalled reader's socket buffers fill.
+    store_blobs(&data, 40, 300_000);
     let ids: Vec<String> = {
         let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
         store
@@ -474,25 +479,7 @@ async fn a_peer_that_went_silent_is_dropped_and_a_quiet_one_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_receiving_a_large_frame_slowly_is_not_taken_for_gone() {
     let (_dir, data, admin) = seeded_data_dir();
-    let id = {
-        use automerge::transaction::Transactable;
-        let store = relais_core::store::Store::open(data.join("relais.redb")).unwrap();
-        let mut doc = automerge::Automerge::new();
-        let mut tx = doc.transaction();
-        let blob: Vec<u8> = (0..300_000u32).map(|_| rand::random::<u8>()).collect();
-        tx.put(automerge::ROOT, "blob", blob).unwrap();
-        tx.commit();
-        let id = relais_core::DocumentId::random();
-        store
-            .write(&[relais_core::store::DocWrite::from_doc(
-                id,
-                relais_core::document::DocInfo::other(),
-                &doc,
-                vec![],
-            )])
-            .unwrap();
-        id
-    };
+    let id = store_blobs(&data, 1, 300_000)[0];
     let server = Server::start_env(&data, &[], &[("RELAIS_PEER_IDLE_SECS", "1")]);
     // About 6 s for the document: six idle limits.
     let proxy = FreezingProxy::start_throttled(server.addr, Some(50_000)).await;
