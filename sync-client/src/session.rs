@@ -568,3 +568,37 @@ where
     tokio::task::yield_now().await;
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket whose far end never reads: a send into it never completes.
+    fn stuck() -> impl futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin {
+        Box::pin(futures_util::sink::unfold((), |(), _: WsMessage| {
+            std::future::pending::<Result<(), tungstenite::Error>>()
+        }))
+    }
+
+    /// The keep-alive's three answers: nothing to do while the server was heard from
+    /// lately, a ping after half the idle timeout (here into a socket that takes nothing,
+    /// so the ping's own limit ends the session), and an end once nothing came for all of it.
+    #[tokio::test(start_paused = true)]
+    async fn the_keep_alive_pings_only_after_half_the_idle_timeout_and_gives_up_after_all() {
+        let opts = SyncOptions {
+            idle_timeout: Duration::from_secs(60),
+            ..SyncOptions::default()
+        };
+        let ago = |s| Instant::now() - Duration::from_secs(s);
+        // Heard 10 s ago: no ping (one into this socket would have timed out).
+        keep_alive(&mut stuck(), ago(10), &opts).await.unwrap();
+        match keep_alive(&mut stuck(), ago(40), &opts).await {
+            Err(ClientError::Network(e)) => assert!(e.contains("took nothing for 60 s"), "{e}"),
+            other => panic!("expected the ping to time out, got {other:?}"),
+        }
+        match keep_alive(&mut stuck(), ago(61), &opts).await {
+            Err(ClientError::Network(e)) => assert!(e.contains("nothing heard for 60 s"), "{e}"),
+            other => panic!("expected the session to end, got {other:?}"),
+        }
+    }
+}
